@@ -1,0 +1,104 @@
+"""The public Python API. The CLI is a thin layer over exactly these calls."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from modelzoo.registry import integrity
+from modelzoo.registry import lineage as lineage_queries
+from modelzoo.registry.exporter import export_version
+from modelzoo.registry.importer import import_path
+from modelzoo.registry.records import (
+    AliasEvent,
+    Diff,
+    GcReport,
+    Lineage,
+    ModelSummary,
+    VerifyReport,
+    VersionInfo,
+)
+from modelzoo.registry.settings import Settings
+from modelzoo.registry.store import Progress, Registry
+
+
+class Zoo:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.registry = Registry(settings)
+
+    def import_(
+        self,
+        path: str | Path,
+        name: str,
+        *,
+        family: str | None = None,
+        config: str | Path | None = None,
+        tags: Mapping[str, str] | None = None,
+        base: str | None = None,
+        relation: str = "finetune",
+        description: str = "",
+        allow_nonfinite: bool = False,
+        progress: Progress | None = None,
+    ) -> VersionInfo:
+        parents = [(base, relation, {"declared": True})] if base else []
+        return import_path(
+            self.registry, Path(path), name, family=family, config_path=Path(config) if config else None,
+            tags=dict(tags or {}), parents=parents, description=description, allow_nonfinite=allow_nonfinite,
+            progress=progress,
+        )
+
+    def get(self, ref: str) -> VersionInfo:
+        return self.registry.info(ref, include_deleted=True)
+
+    def versions(self, model: str) -> list[VersionInfo]:
+        return self.registry.versions(model)
+
+    def list(self) -> list[ModelSummary]:
+        return self.registry.list_models()
+
+    def tensors(self, ref: str, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        return self.registry.load_tensors(ref, names)
+
+    def commit(
+        self,
+        parent: str,
+        changed: Mapping[str, torch.Tensor],
+        method: str,
+        params: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> VersionInfo:
+        return self.registry.commit(parent, changed, method, params, metrics, **options)
+
+    def lineage(self, ref: str) -> Lineage:
+        return lineage_queries.lineage(self.registry, ref)
+
+    def diff(self, a: str, b: str) -> Diff:
+        return lineage_queries.diff(self.registry, a, b)
+
+    def export(self, ref: str, out: str | Path, progress: Progress | None = None) -> Path:
+        return export_version(self.registry, ref, Path(out), progress)
+
+    def verify(self, ref: str | None = None) -> VerifyReport:
+        return integrity.verify(self.registry, ref)
+
+    def gc(self, purge_deleted: bool = False, grace_s: float = integrity.DEFAULT_GRACE_S) -> GcReport:
+        return integrity.gc(self.registry, purge_deleted, grace_s)
+
+    def tag(self, ref: str, key: str, value: str) -> None:
+        self.registry.tag(ref, key, value)
+
+    def set_alias(self, ref: str, alias: str) -> VersionInfo:
+        return self.registry.set_alias(ref, alias)
+
+    def alias_history(self, model: str, alias: str) -> list[AliasEvent]:
+        return self.registry.alias_history(model, alias)
+
+    def delete(self, ref: str) -> VersionInfo:
+        return self.registry.delete(ref)
+
+    def restore(self, ref: str) -> VersionInfo:
+        return self.registry.restore(ref)

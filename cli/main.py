@@ -1,0 +1,235 @@
+"""`zoo`: the command line. It parses, calls the Python API, and prints; nothing else."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import modelzoo
+import typer
+from modelzoo.cli.output import byte_progress, console, emit, errors, human_bytes, table
+from modelzoo.registry.errors import BadInput, ZooError
+from modelzoo.registry.records import Diff, Lineage, VerifyReport, VersionInfo
+
+app = typer.Typer(
+    name="zoo", help="A registry for generative and language models.", no_args_is_help=True,
+    pretty_exceptions_enable=False, add_completion=False,
+)
+alias_app = typer.Typer(help="Movable names for versions (name@prod).", no_args_is_help=True)
+app.add_typer(alias_app, name="alias")
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+class State:
+    home: str | None = None
+    db: str | None = None
+    _zoo: modelzoo.Zoo | None = None
+
+    @classmethod
+    def zoo(cls) -> modelzoo.Zoo:
+        if cls._zoo is None:
+            cls._zoo = modelzoo.open(cls.home, cls.db)
+        return cls._zoo
+
+
+@app.callback()
+def main(
+    home: Annotated[str | None, typer.Option("--home", envvar="ZOO_HOME", help="Registry home folder.")] = None,
+    db: Annotated[str | None, typer.Option("--db", envvar="ZOO_DATABASE_URL", help="Database URL.")] = None,
+) -> None:
+    State.home, State.db, State._zoo = home, db, None
+
+
+def parse_pairs(pairs: list[str] | None, what: str = "tag") -> dict[str, str]:
+    result: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise BadInput(f"invalid {what} {pair!r}: use key=value")
+        result[key] = value
+    return result
+
+
+@app.command()
+def init() -> None:
+    """Create (or upgrade) the registry."""
+    zoo = State.zoo()
+    console.print(f"registry ready at [bold]{zoo.settings.home}[/] ({zoo.settings.database_url})")
+
+
+@app.command("import")
+def import_(
+    path: Path,
+    name: Annotated[str, typer.Option("--name", help="Model name; an existing name gets its next version.")],
+    family: Annotated[str | None, typer.Option(help="diffusion | lm | gan (inferred when possible).")] = None,
+    config: Annotated[Path | None, typer.Option(help="JSON config for a single weights file.")] = None,
+    tag: Annotated[list[str] | None, typer.Option(help="key=value label (repeatable).")] = None,
+    base: Annotated[str | None, typer.Option(help="Version this model was derived from elsewhere.")] = None,
+    relation: Annotated[str, typer.Option(help="Relation to --base.")] = "finetune",
+    description: str = "",
+    allow_nonfinite: Annotated[bool, typer.Option(help="Keep tensors holding NaN/Inf.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Import a diffusers/transformers folder or a safetensors file as a new version."""
+    tags = parse_pairs(tag)
+    with byte_progress(f"importing {path.name}", quiet=as_json) as progress:
+        info = State.zoo().import_(
+            path, name, family=family, config=config, tags=tags, base=base, relation=relation,
+            description=description, allow_nonfinite=allow_nonfinite, progress=progress,
+        )
+    emit(info, as_json, lambda i: console.print(
+        f"registered [bold]{i.ref}[/] ({i.family}, {i.tensor_count} tensors, {human_bytes(i.logical_bytes)}, "
+        f"{human_bytes(i.added_bytes)} new on disk). Next: `zoo show {i.ref}`"
+    ))
+
+
+@app.command("list")
+def list_(as_json: JsonFlag = False) -> None:
+    """List models with their latest version."""
+    models = State.zoo().list()
+    emit(models, as_json, lambda ms: table(
+        None, ["name", "family", "latest", "versions", "tags", "description"],
+        [[m.name, m.family, m.latest, m.versions, ", ".join(f"{k}={v}" for k, v in m.tags.items()),
+          m.description] for m in ms],
+    ) if ms else console.print("no models yet: `zoo import PATH --name NAME` or `zoo demo`"))
+
+
+def _render_version(i: VersionInfo) -> None:
+    rows = [
+        ["ref", i.ref], ["family", i.family], ["status", i.status], ["manifest", i.manifest_hash],
+        ["created", i.created_at.isoformat(timespec="seconds")], ["method", i.method],
+        ["params", i.params or ""], ["metrics", i.metrics or ""],
+        ["parents", ", ".join(f"{p.ref} ({p.relation})" for p in i.parents)],
+        ["tensors", i.tensor_count], ["size", human_bytes(i.logical_bytes)],
+        ["added to store", human_bytes(i.added_bytes)],
+        ["tags", ", ".join(f"{k}={v}" for k, v in i.tags.items())], ["aliases", ", ".join(i.aliases)],
+        ["source", i.source.get("path", "")],
+    ]
+    table(None, ["field", "value"], rows)
+
+
+@app.command()
+def show(ref: str, as_json: JsonFlag = False) -> None:
+    """Show one version: provenance, size, parents, tags."""
+    emit(State.zoo().get(ref), as_json, _render_version)
+
+
+def _render_lineage(lin: Lineage) -> None:
+    rows = [[f"-{n.depth}", n.ref, n.relation, n.method, n.params] for n in reversed(lin.ancestors)]
+    rows.append(["0", lin.ref, "", "", ""])
+    rows += [[f"+{n.depth}", n.ref, n.relation, n.method, n.params] for n in lin.descendants]
+    table(f"lineage of {lin.ref}", ["depth", "version", "relation", "method", "params"], rows)
+
+
+@app.command()
+def lineage(ref: str, as_json: JsonFlag = False) -> None:
+    """Ancestors and descendants of a version."""
+    emit(State.zoo().lineage(ref), as_json, _render_lineage)
+
+
+def _render_diff(d: Diff) -> None:
+    table(
+        f"{d.a} -> {d.b}: {len(d.changed)} changed, {d.unchanged} unchanged",
+        ["tensor", "status", "relative change"],
+        [[c.tensor, c.status, f"{c.relative_change:.3g}" if c.relative_change is not None else ""]
+         for c in d.changed],
+    )
+
+
+@app.command()
+def diff(a: str, b: str, as_json: JsonFlag = False) -> None:
+    """Which tensors differ between two versions, and by how much."""
+    emit(State.zoo().diff(a, b), as_json, _render_diff)
+
+
+@app.command()
+def export(ref: str, out: Path) -> None:
+    """Write a version as a folder that diffusers/transformers load with from_pretrained."""
+    with byte_progress(f"exporting {ref}") as progress:
+        path = State.zoo().export(ref, out, progress)
+    console.print(f"exported {ref} to {path}")
+
+
+def _render_verify(report: VerifyReport) -> None:
+    if report.ok:
+        console.print(f"ok: {report.blobs_checked} blobs ({human_bytes(report.bytes_checked)}) match their hashes")
+        return
+    for d in report.damaged:
+        errors.print(f"damaged blob {d.sha256} ({d.problem}); used by {', '.join(d.versions)}")
+
+
+@app.command()
+def verify(ref: Annotated[str | None, typer.Argument()] = None, as_json: JsonFlag = False) -> None:
+    """Recompute the hashes of stored blobs; exit 1 if any is damaged."""
+    report = State.zoo().verify(ref)
+    emit(report, as_json, _render_verify)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def gc(
+    purge: Annotated[bool, typer.Option("--purge", help="Also free the blobs of deleted versions.")] = False,
+    grace: Annotated[float, typer.Option(help="Keep unreferenced files younger than this (seconds).")] = 3600.0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Remove blobs that no version references."""
+    report = State.zoo().gc(purge_deleted=purge, grace_s=grace)
+    emit(report, as_json, lambda r: console.print(
+        f"removed {r.blobs_removed} blobs ({human_bytes(r.bytes_freed)}), {r.stray_files_removed} stray files, "
+        f"purged {r.versions_purged} deleted versions"
+    ))
+
+
+@app.command()
+def tag(ref: str, pairs: Annotated[list[str], typer.Argument(help="key=value")]) -> None:
+    """Label a model (NAME) or one version (NAME@N)."""
+    for key, value in parse_pairs(pairs).items():
+        State.zoo().tag(ref, key, value)
+    console.print(f"tagged {ref}")
+
+
+@app.command()
+def delete(ref: str) -> None:
+    """Soft-delete a version (hidden, recoverable until `zoo gc --purge`)."""
+    info = State.zoo().delete(ref)
+    console.print(f"deleted {info.ref}; `zoo restore {info.ref}` undoes this until `zoo gc --purge`")
+
+
+@app.command()
+def restore(ref: str) -> None:
+    """Undo a soft delete."""
+    console.print(f"restored {State.zoo().restore(ref).ref}")
+
+
+@alias_app.command("set")
+def alias_set(ref: str, alias: str) -> None:
+    """Point NAME@ALIAS at the version REF (every move is kept in the history)."""
+    info = State.zoo().set_alias(ref, alias)
+    console.print(f"{info.model}@{alias} -> {info.ref}")
+
+
+@alias_app.command("history")
+def alias_history(target: Annotated[str, typer.Argument(help="NAME@ALIAS")], as_json: JsonFlag = False) -> None:
+    """When each alias pointed where."""
+    model, sep, alias = target.partition("@")
+    if not sep or not alias:
+        raise BadInput(f"expected NAME@ALIAS, got {target!r}")
+    events = State.zoo().alias_history(model, alias)
+    emit(events, as_json, lambda es: table(
+        f"{target} history", ["at", "points to"], [[e.at.isoformat(timespec="seconds"), e.ref] for e in es]
+    ))
+
+
+def run(argv: list[str] | None = None) -> Any:
+    """Entry point: every ZooError becomes one line on stderr and its exit code (2 bad input, 1 damage)."""
+    try:
+        return app(args=argv, standalone_mode=True)
+    except ZooError as error:
+        errors.print(f"error: {error}", markup=False, highlight=False)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        errors.print("interrupted: nothing was registered", markup=False)
+        sys.exit(130)

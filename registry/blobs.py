@@ -1,0 +1,207 @@
+"""Content-addressed storage: one blob per tensor (a one-tensor safetensors file) or per file.
+
+A tensor's address is sha256 over its dtype, shape and bytes, so equal tensors are stored once however
+many versions use them. Blobs are written to a temporary name, fsynced and renamed, so a crash leaves
+either nothing or a whole blob; never a torn one. The backend is a small protocol so an object store can
+replace the local directory later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from modelzoo.registry.errors import Corrupted, NotFound
+from modelzoo.registry.safetensors_io import (
+    MappedFile,
+    TensorInfo,
+    dtype_name,
+    read_header,
+    tensor_bytes,
+    write_tensors,
+)
+
+TEMP_PREFIX = ".tmp-"
+BLOB_TENSOR_NAME = "tensor"
+
+
+def tensor_digest(dtype: str, shape: tuple[int, ...], data: memoryview) -> str:
+    h = hashlib.sha256(f"modelzoo-tensor:{dtype}:{','.join(map(str, shape))}\n".encode())
+    h.update(data)
+    return h.hexdigest()
+
+
+def file_digest(data: bytes | memoryview) -> str:
+    """Plain sha256 of a file's bytes, so `sha256sum FILE` finds it with `zoo find`."""
+    return hashlib.sha256(data).hexdigest()
+
+
+class BlobBackend(Protocol):
+    """Where blob bytes live. Keys are relative paths like `ab/cd/abcd...`."""
+
+    def exists(self, key: str) -> bool: ...
+    def write_atomic(self, key: str, write: WriteFn) -> None: ...
+    def open_mapped(self, key: str) -> MappedFile: ...
+    def read_bytes(self, key: str) -> bytes: ...
+    def delete(self, key: str) -> None: ...
+    def keys(self, older_than_s: float = 0.0) -> Iterator[str]: ...
+    def sync(self) -> None: ...
+
+
+class WriteFn(Protocol):
+    def __call__(self, f: object, /) -> object: ...
+
+
+class LocalDirectoryBackend:
+    def __init__(self, root: Path):
+        self.root = root
+        self._dirty_dirs: set[Path] = set()
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def write_atomic(self, key: str, write: WriteFn) -> None:
+        final = self._path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        temp = final.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
+        try:
+            with open(temp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, final)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        self._dirty_dirs.add(final.parent)
+
+    def sync(self) -> None:
+        """Make the renames durable: one fsync per directory touched, not one per blob."""
+        for d in self._dirty_dirs:
+            fd = os.open(d, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._dirty_dirs.clear()
+
+    def open_mapped(self, key: str) -> MappedFile:
+        path = self._path(key)
+        if not path.is_file():
+            raise NotFound(f"blob file {key} is missing from {self.root}")
+        return MappedFile(path)
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"blob file {key} is missing from {self.root}") from None
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def keys(self, older_than_s: float = 0.0) -> Iterator[str]:
+        """Every file under the root, temporary ones included, last modified at least `older_than_s` ago."""
+        if not self.root.exists():
+            return
+        cutoff = time.time() - older_than_s
+        for path in self.root.rglob("*"):
+            if path.is_file() and path.stat().st_mtime <= cutoff:
+                yield path.relative_to(self.root).as_posix()
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    sha256: str
+    kind: str  # "tensor" | "file"
+    dtype: str | None
+    shape: tuple[int, ...] | None
+    nbytes: int
+    location: str
+    written: bool  # False when the content was already in the store
+
+
+def blob_key(sha256: str, kind: str) -> str:
+    suffix = ".safetensors" if kind == "tensor" else ""
+    return f"{sha256[:2]}/{sha256[2:4]}/{sha256}{suffix}"
+
+
+class BlobStore:
+    def __init__(self, backend: BlobBackend):
+        self.backend = backend
+
+    def put_tensor(self, tensor: torch.Tensor) -> StoredBlob:
+        dtype, shape = dtype_name(tensor.dtype), tuple(tensor.shape)
+        data = tensor_bytes(tensor)
+        sha = tensor_digest(dtype, shape, data)
+        key = blob_key(sha, "tensor")
+        written = not self.backend.exists(key)
+        if written:
+            contiguous = tensor.detach().cpu().contiguous()
+            self.backend.write_atomic(key, lambda f: write_tensors(f, {BLOB_TENSOR_NAME: contiguous}))
+        return StoredBlob(sha, "tensor", dtype, shape, data.nbytes, key, written)
+
+    def put_file(self, data: bytes) -> StoredBlob:
+        sha = file_digest(data)
+        key = blob_key(sha, "file")
+        written = not self.backend.exists(key)
+        if written:
+            self.backend.write_atomic(key, lambda f: f.write(data))
+        return StoredBlob(sha, "file", None, None, len(data), key, written)
+
+    def sync(self) -> None:
+        self.backend.sync()
+
+    def get_tensor(self, sha256: str, location: str, verify: bool = True) -> torch.Tensor:
+        mapped = self.backend.open_mapped(location)
+        info = self._tensor_info(mapped, sha256)
+        if verify and tensor_digest(info.dtype, info.shape, mapped.view(info.start, info.end)) != sha256:
+            raise Corrupted(f"blob {sha256[:12]} is damaged (content does not match its hash); run `zoo verify`")
+        return mapped.tensor(info)
+
+    def get_file(self, sha256: str, location: str, verify: bool = True) -> bytes:
+        data = self.backend.read_bytes(location)
+        if verify and file_digest(data) != sha256:
+            raise Corrupted(f"blob {sha256[:12]} is damaged (content does not match its hash); run `zoo verify`")
+        return data
+
+    def check(self, sha256: str, kind: str, location: str) -> str | None:
+        """Recompute a blob's hash; None when intact, else what is wrong."""
+        try:
+            if kind == "file":
+                return None if file_digest(self.backend.read_bytes(location)) == sha256 else "hash mismatch"
+            mapped = self.backend.open_mapped(location)
+            info = self._tensor_info(mapped, sha256)
+            ok = tensor_digest(info.dtype, info.shape, mapped.view(info.start, info.end)) == sha256
+            return None if ok else "hash mismatch"
+        except NotFound:
+            return "missing"
+        except (Corrupted, ValueError) as e:
+            return str(e)
+
+    @staticmethod
+    def _tensor_info(mapped: MappedFile, sha256: str) -> TensorInfo:
+        try:
+            header = read_header(mapped.path)
+        except Exception as e:  # any header damage is corruption of a blob we wrote ourselves
+            raise Corrupted(f"blob {sha256[:12]} is damaged ({e}); run `zoo verify`") from None
+        if BLOB_TENSOR_NAME not in header.tensors:
+            raise Corrupted(f"blob {sha256[:12]} is damaged (no tensor inside); run `zoo verify`")
+        return header.tensors[BLOB_TENSOR_NAME]
+
+    def delete(self, locations: Iterable[str]) -> int:
+        count = 0
+        for location in locations:
+            self.backend.delete(location)
+            count += 1
+        return count

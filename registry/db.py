@@ -1,0 +1,126 @@
+"""Engine set-up and schema management for SQLite (default) and PostgreSQL.
+
+SQLite runs in WAL mode with a busy timeout; write transactions start with BEGIN IMMEDIATE so two
+writers queue instead of failing with "database is locked" half-way through. Opening a registry brings
+its schema to the current Alembic revision; a schema this code does not know is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from modelzoo.registry.errors import BadInput, SchemaMismatch
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
+
+log = logging.getLogger(__name__)
+MIGRATIONS = Path(__file__).parent / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 60_000
+
+
+def _alembic_config(connection: Connection | None = None) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (below)
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn):  # type: ignore[no-untyped-def]
+            immediate = conn.get_execution_options().get("zoo_write", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        return engine
+    if url.startswith("postgresql"):
+        return create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=4)
+    raise BadInput(f"unsupported database URL {url!r}: use sqlite:///PATH or postgresql+psycopg://...")
+
+
+class Database:
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = make_engine(url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.engine.dialect.name == "sqlite"
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        with self._sessions() as session:
+            yield session
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """One write transaction: BEGIN IMMEDIATE on SQLite, committed on success, rolled back on error."""
+        with self.engine.connect().execution_options(zoo_write=True) as conn, Session(
+            bind=conn, expire_on_commit=False
+        ) as session, session.begin():
+            yield session
+
+    def current_revision(self) -> str | None:
+        with self.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    def ensure_schema(self) -> None:
+        """Create or upgrade the schema to head; refuse a schema this code does not know."""
+        head = head_revision()
+        try:
+            current = self.current_revision()
+        except OperationalError as e:
+            raise BadInput(f"cannot open the registry database {self.url}: {e.orig}") from None
+        if current == head:
+            return
+        with self.engine.connect().execution_options(zoo_write=True) as conn, conn.begin():
+            if not self.is_sqlite:
+                conn.execute(text("SELECT pg_advisory_xact_lock(7350001)"))
+            current = MigrationContext.configure(conn).get_current_revision()
+            if current == head:
+                return
+            scripts = ScriptDirectory.from_config(_alembic_config())
+            if current is None:
+                tables = set(inspect(conn).get_table_names())
+                if tables:
+                    raise SchemaMismatch(
+                        f"{self.url} holds tables {sorted(tables)[:3]}... but is not a modelzoo registry"
+                    )
+            elif current not in {s.revision for s in scripts.walk_revisions()}:
+                raise SchemaMismatch(
+                    f"registry schema {current} is newer than this modelzoo knows (head {head}); "
+                    "upgrade modelzoo to open it"
+                )
+            log.info("upgrading registry schema %s -> %s", current, head)
+            command.upgrade(_alembic_config(conn), "head")

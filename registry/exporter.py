@@ -1,0 +1,91 @@
+"""`zoo export`: write a version in its native layout, loadable by the original library's
+`from_pretrained`, with a model card that records where it came from and how it was edited."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from modelzoo.registry.errors import BadInput
+from modelzoo.registry.formats import split_tensor_name
+from modelzoo.registry.lineage import lineage
+from modelzoo.registry.records import VersionInfo
+from modelzoo.registry.safetensors_io import write_tensors
+from modelzoo.registry.store import Progress, Registry
+
+CARD = "README.md"
+
+
+def export_version(registry: Registry, ref: str, out: Path, progress: Progress | None = None) -> Path:
+    """Write into a temporary sibling folder, then rename: an interrupted export leaves no half folder."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BadInput(f"export target {out} already exists and is not an empty folder")
+    info = registry.info(ref)
+    weight_files: dict[str, str] = info.config.get("weight_files", {"": "model.safetensors"})
+    files = registry.load_files(ref)
+    tensors = registry.load_tensors(ref)
+
+    by_file: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        component, key = split_tensor_name(name, set(weight_files))
+        filename = weight_files.get(component) or weight_files.get("", "model.safetensors")
+        by_file.setdefault(f"{component}/{filename}" if component else filename, {})[key] = tensor
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        for path, data in files.items():
+            if path != CARD:
+                _write(staging / path, data)
+        total = sum(t.nbytes for t in tensors.values())
+        done = 0
+        for path, group in sorted(by_file.items()):
+            target = staging / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "wb") as f:
+                write_tensors(f, dict(sorted(group.items())), metadata={"format": "pt"})
+            done += sum(t.nbytes for t in group.values())
+            if progress:
+                progress(done, total)
+        _write(staging / CARD, model_card(registry, info, files.get(CARD)).encode())
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def model_card(registry: Registry, info: VersionInfo, original: bytes | None) -> str:
+    """A Hub-style card: YAML front matter with `base_model`, then the version's edit history."""
+    history = lineage(registry, info.ref).ancestors
+    root = registry.info(history[-1].ref) if history else info
+    base_model = root.source.get("base_model") or (history[0].ref if history else None)
+    library = {"diffusers": "diffusers", "transformers": "transformers"}.get(info.config.get("format", ""))
+    front = {"base_model": base_model, "library_name": library, "tags": ["modelzoo", info.family]}
+    lines = ["---"]
+    lines += [f"{k}: {json.dumps(v)}" for k, v in front.items() if v]
+    lines += ["modelzoo:", f"  ref: {info.ref}", f"  manifest_hash: {info.manifest_hash}", "---", ""]
+    lines += [f"# {info.ref}", "", f"Exported by modelzoo {info.package_version}.", "", "## Edit history", ""]
+    lines += ["| version | method | relation | parameters |", "|---|---|---|---|"]
+    for node in reversed(history):
+        lines.append(f"| {node.ref} | {node.method} | {node.relation} | `{json.dumps(node.params)}` |")
+    lines.append(f"| {info.ref} | {info.method} | this version | `{json.dumps(info.params)}` |")
+    if original:
+        body = original.decode(errors="replace")
+        if body.startswith("---"):
+            body = body[3:].partition("\n---")[2]
+        lines += ["", "## Original model card", "", body.strip()]
+    return "\n".join(lines) + "\n"

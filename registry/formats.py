@@ -1,0 +1,268 @@
+"""Read the formats people already use into an `ImportSource`: diffusers pipeline directories,
+transformers model directories, and single safetensors files with a JSON config.
+
+Nothing here writes to the registry. Every weight file's header is validated before any tensor is
+read, so a malformed file is refused before a byte is stored. Pickle checkpoints are never unpickled:
+only torch's weights-only loader may read them, and what it refuses is refused with advice.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from modelzoo.registry.errors import BadInput
+from modelzoo.registry.safetensors_io import TensorInfo, iter_tensors, read_header
+
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
+SHARD = re.compile(r"^(?P<stem>.+?)-\d{5}-of-\d{5}(?P<ext>\.safetensors|\.bin)$")
+MAX_SIDE_FILE_BYTES = 64 * 2**20  # tokenizers and configs; larger non-weight files are not stored
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+TRANSFORMERS_WEIGHTS = "model.safetensors"
+
+
+@dataclass
+class ImportSource:
+    """A model read from disk, not yet stored: where its tensors are and the small files beside them."""
+
+    path: Path
+    family: str
+    format: str  # "diffusers" | "transformers" | "safetensors"
+    weight_files: dict[str, str]  # component ("" = root) -> weight file name written on export
+    files: dict[str, bytes]
+    tensor_sources: list[tuple[str, Path]] = field(default_factory=list)  # (component, safetensors path)
+    pickled: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # component -> tensors
+    base_model: str | None = None
+    extra_config: dict[str, Any] = field(default_factory=dict)
+    extra_source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {"format": self.format, "weight_files": self.weight_files, **self.extra_config}
+
+    def headers(self) -> dict[Path, dict[str, TensorInfo]]:
+        return {path: read_header(path).tensors for _, path in self.tensor_sources}
+
+    @property
+    def total_bytes(self) -> int:
+        on_disk = sum(t.nbytes for tensors in self.headers().values() for t in tensors.values())
+        pickled = sum(t.nbytes for ts in self.pickled.values() for t in ts.values())
+        return on_disk + pickled
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for component, path in self.tensor_sources:
+            for info, tensor in iter_tensors(path):
+                yield tensor_name(component, info.name), tensor
+        for component, tensors in self.pickled.items():
+            for key, tensor in tensors.items():
+                yield tensor_name(component, key), tensor
+
+    def source_record(self) -> dict[str, Any]:
+        return {"path": str(self.path), "format": self.format, "base_model": self.base_model, **self.extra_source}
+
+
+def tensor_name(component: str, key: str) -> str:
+    return f"{component}/{key}" if component else key
+
+
+def split_tensor_name(name: str, components: set[str]) -> tuple[str, str]:
+    head, sep, rest = name.partition("/")
+    return (head, rest) if sep and head in components else ("", name)
+
+
+def read_source(path: Path, family: str | None = None, config_path: Path | None = None) -> ImportSource:
+    path = Path(path)
+    if not path.exists():
+        raise BadInput(f"{path} does not exist")
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return _read_single_file(path, family, config_path)
+        if path.suffix in PICKLE_SUFFIXES:
+            return _read_single_file(path, family, config_path)
+        raise BadInput(f"{path} is not a safetensors file, diffusers or transformers directory")
+    if (path / "model_index.json").is_file():
+        return _read_diffusers(path, family)
+    if (path / "config.json").is_file():
+        return _read_model_dir(path, family)
+    raise BadInput(f"{path} is no known model format (no model_index.json or config.json inside)")
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInput(f"{path}: unreadable JSON ({e.__class__.__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"{path}: expected a JSON object")
+    return data
+
+
+def family_from_config(config: dict[str, Any]) -> str | None:
+    """Infer the family from a config: a modelzoo `family` key, transformers' architectures, a GAN's kind."""
+    if isinstance(config.get("family"), str):
+        return str(config["family"])
+    architectures = config.get("architectures") or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return "lm"
+    if config.get("model_type") in {"stylegan2", "stylegan"} or config.get("_class_name") == "StyleGanGenerator":
+        return "gan"
+    return None
+
+
+def _check_family(found: str | None, asked: str | None, path: Path) -> str:
+    if asked and found and asked != found:
+        raise BadInput(f"{path} looks like a {found} model, not {asked}; drop --family or fix it")
+    family = asked or found
+    if family is None:
+        raise BadInput(f"cannot tell the family of {path}; pass --family diffusion|lm|gan")
+    return family
+
+
+def _weights_in(directory: Path) -> tuple[list[Path], str | None, list[Path]]:
+    """(safetensors files, the exported weight file name, pickle files) of one model directory."""
+    files = sorted(p for p in directory.iterdir() if p.is_file())
+    safetensors = [p for p in files if p.suffix == ".safetensors"]
+    plain = [p for p in safetensors if not re.search(r"\.[A-Za-z0-9]+\.safetensors$", p.name)]
+    chosen = plain or safetensors  # a variant such as .fp16 only when there is nothing else
+    pickles = [p for p in files if p.suffix in PICKLE_SUFFIXES]
+    if not chosen:
+        return [], None, pickles
+    match = SHARD.match(chosen[0].name)
+    # Shards are merged into one file on export; from_pretrained loads either layout.
+    export_name = f"{match['stem']}{match['ext']}" if match else chosen[0].name
+    return chosen, export_name, pickles
+
+
+def _side_files(root: Path, exclude: set[Path]) -> dict[str, bytes]:
+    files: dict[str, bytes] = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if (
+            not p.is_file()
+            or p in exclude
+            or any(part.startswith(".") for part in rel.parts)
+            or p.suffix in PICKLE_SUFFIXES | {".safetensors"}
+            or p.name.endswith(".index.json")
+        ):
+            continue
+        if p.stat().st_size > MAX_SIDE_FILE_BYTES:
+            raise BadInput(f"{p} is {p.stat().st_size} bytes: too large for a config or tokenizer file")
+        files[rel.as_posix()] = p.read_bytes()
+    return files
+
+
+def _base_model(readme: Path) -> str | None:
+    """The Hub's `base_model` from a model card's YAML front matter, if the card declares one."""
+    if not readme.is_file():
+        return None
+    text = readme.read_text(errors="replace")
+    if not text.startswith("---"):
+        return None
+    front, _, _ = text[3:].partition("\n---")
+    try:
+        meta = yaml.safe_load(front)
+    except yaml.YAMLError:
+        return None
+    base = meta.get("base_model") if isinstance(meta, dict) else None
+    if isinstance(base, list):
+        base = base[0] if base else None
+    return str(base) if base else None
+
+
+def load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Read a pickle checkpoint with torch's weights-only unpickler; anything else is refused."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        raise BadInput(
+            f"{path} is a pickle checkpoint that the safe weights-only loader refuses; "
+            "convert it to safetensors with a tool you trust, then import that"
+        ) from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise BadInput(f"{path} holds no plain dict of tensors; convert it to safetensors first")
+    return {str(k): v for k, v in obj.items()}
+
+
+def _component(source: ImportSource, root: Path, component: str, default_name: str) -> None:
+    directory = root / component if component else root
+    chosen, export_name, pickles = _weights_in(directory)
+    if chosen:
+        source.tensor_sources.extend((component, p) for p in chosen)
+        source.weight_files[component] = export_name or default_name
+    elif pickles:
+        tensors: dict[str, torch.Tensor] = {}
+        for p in pickles:
+            tensors.update(load_pickle_weights(p))
+        source.pickled[component] = tensors
+        source.weight_files[component] = default_name
+
+
+def _read_diffusers(root: Path, family: str | None) -> ImportSource:
+    index = _json(root / "model_index.json")
+    source = ImportSource(
+        path=root.resolve(),
+        family=_check_family("diffusion", family, root),
+        format="diffusers",
+        weight_files={},
+        files={},
+        base_model=_base_model(root / "README.md"),
+    )
+    for component, spec in sorted(index.items()):
+        if component.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        if not (root / component).is_dir():
+            raise BadInput(f"{root}: model_index.json names {component!r} but the folder is missing")
+        default = TRANSFORMERS_WEIGHTS if spec[0] == "transformers" else DIFFUSERS_WEIGHTS
+        _component(source, root, component, default)
+    if not source.weight_files:
+        raise BadInput(f"{root}: no safetensors weights found in any component")
+    source.files = _side_files(root, {p for _, p in source.tensor_sources})
+    source.headers()  # validate every header before anything is stored
+    return source
+
+
+def _read_model_dir(root: Path, family: str | None) -> ImportSource:
+    config = _json(root / "config.json")
+    source = ImportSource(
+        path=root.resolve(),
+        family=_check_family(family_from_config(config), family, root),
+        format="transformers" if config.get("architectures") else "safetensors",
+        weight_files={},
+        files={},
+        base_model=_base_model(root / "README.md"),
+    )
+    _component(source, root, "", TRANSFORMERS_WEIGHTS)
+    if not source.weight_files:
+        raise BadInput(f"{root}: no weights found (no .safetensors file)")
+    source.files = _side_files(root, {p for _, p in source.tensor_sources})
+    source.headers()
+    return source
+
+
+def _read_single_file(path: Path, family: str | None, config_path: Path | None) -> ImportSource:
+    candidates = [config_path] if config_path else [path.with_suffix(".json"), path.parent / "config.json"]
+    config_file = next((c for c in candidates if c is not None and c.is_file()), None)
+    if config_file is None:
+        raise BadInput(f"{path} needs a JSON config describing the architecture: pass --config FILE")
+    config = _json(config_file)
+    source = ImportSource(
+        path=path.resolve(),
+        family=_check_family(family_from_config(config), family, path),
+        format="transformers" if config.get("architectures") else "safetensors",
+        weight_files={"": TRANSFORMERS_WEIGHTS},
+        files={"config.json": config_file.read_bytes()},
+    )
+    if path.suffix == ".safetensors":
+        source.tensor_sources.append(("", path))
+        source.headers()
+    else:
+        source.pickled[""] = load_pickle_weights(path)
+    return source

@@ -1,0 +1,70 @@
+"""`verify` (recompute every blob's hash) and `gc` (remove what no version references)."""
+
+from __future__ import annotations
+
+from modelzoo.registry.blobs import TEMP_PREFIX
+from modelzoo.registry.records import DamagedBlob, GcReport, VerifyReport
+from modelzoo.registry.refs import resolve
+from modelzoo.registry.schema import Blob, ManifestEntry, Model, Version
+from modelzoo.registry.store import GC_LOCK_KEY, Registry
+from sqlalchemy import delete, select, text, update
+
+DEFAULT_GRACE_S = 3600.0
+
+
+def verify(registry: Registry, ref: str | None = None) -> VerifyReport:
+    """Check the blobs of one version (or of every version) and name each version a damaged blob affects."""
+    with registry.db.read() as session:
+        query = select(Blob).join(ManifestEntry, ManifestEntry.blob_sha256 == Blob.sha256).distinct()
+        if ref is not None:
+            query = query.where(ManifestEntry.version_id == resolve(session, ref, include_deleted=True).id)
+        blobs = session.scalars(query).all()
+    damaged: list[DamagedBlob] = []
+    for blob in blobs:
+        problem = registry.blobs.check(blob.sha256, blob.kind, blob.location)
+        if problem is not None:
+            damaged.append(DamagedBlob(blob.sha256, problem, versions_using(registry, blob.sha256)))
+    return VerifyReport(len(blobs), sum(b.nbytes for b in blobs), damaged)
+
+
+def versions_using(registry: Registry, sha256: str) -> list[str]:
+    with registry.db.read() as session:
+        rows = session.execute(
+            select(Model.name, Version.number)
+            .join(Version, Version.model_id == Model.id)
+            .join(ManifestEntry, ManifestEntry.version_id == Version.id)
+            .where(ManifestEntry.blob_sha256 == sha256)
+            .distinct()
+            .order_by(Model.name, Version.number)
+        )
+        return [f"{name}@{number}" for name, number in rows]
+
+
+def gc(registry: Registry, purge_deleted: bool = False, grace_s: float = DEFAULT_GRACE_S) -> GcReport:
+    """Remove unreferenced blobs, and files no blob row knows that are older than `grace_s`.
+
+    Files are deleted inside the write transaction, so a commit (which re-checks its blobs inside its own
+    transaction) never references a file that gc removed. The grace period protects blobs that an import
+    in progress has written but not yet committed.
+    """
+    purged = 0
+    with registry.db.write() as session:
+        if not registry.db.is_sqlite:
+            session.execute(text(f"SELECT pg_advisory_xact_lock({GC_LOCK_KEY})"))
+        if purge_deleted:
+            deleted = select(Version.id).where(Version.status == "deleted")
+            session.execute(delete(ManifestEntry).where(ManifestEntry.version_id.in_(deleted)))
+            purge = update(Version).where(Version.status == "deleted").values(status="purged")
+            purged = session.execute(purge).rowcount
+        referenced = select(ManifestEntry.blob_sha256)
+        orphans = session.execute(select(Blob.sha256, Blob.location, Blob.nbytes).where(
+            Blob.sha256.not_in(referenced))).all()
+        session.execute(delete(Blob).where(Blob.sha256.not_in(referenced)))
+        registry.blobs.delete(location for _, location, _ in orphans)
+        known = set(session.scalars(select(Blob.location)))
+        stray = [
+            key for key in registry.blobs.backend.keys(older_than_s=grace_s)
+            if key not in known or key.rsplit("/", 1)[-1].startswith(TEMP_PREFIX)
+        ]
+        registry.blobs.delete(stray)
+    return GcReport(len(orphans), sum(n for _, _, n in orphans), len(stray), purged)

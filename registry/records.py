@@ -1,0 +1,122 @@
+"""Typed records that cross the registry's boundary (API and CLI); each turns into plain JSON."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+def to_json(record: Any) -> Any:
+    """A record (or list of records) as JSON-ready data."""
+    if isinstance(record, list):
+        return [to_json(r) for r in record]
+    data = asdict(record)
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in data.items()}
+
+
+@dataclass(frozen=True)
+class ParentInfo:
+    ref: str
+    relation: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    id: int
+    ref: str
+    model: str
+    family: str
+    number: int
+    manifest_hash: str
+    status: str
+    created_at: datetime
+    method: str
+    params: dict[str, Any]
+    metrics: dict[str, Any]
+    source: dict[str, Any]
+    package_version: str
+    duration_s: float
+    logical_bytes: int
+    added_bytes: int
+    tensor_count: int
+    parents: list[ParentInfo]
+    tags: dict[str, str]
+    aliases: list[str]
+    config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    name: str
+    family: str
+    description: str
+    latest: int | None
+    versions: int
+    tags: dict[str, str]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class LineageNode:
+    ref: str
+    relation: str
+    method: str
+    params: dict[str, Any]
+    depth: int
+
+
+@dataclass(frozen=True)
+class Lineage:
+    ref: str
+    ancestors: list[LineageNode]
+    descendants: list[LineageNode]
+
+
+@dataclass(frozen=True)
+class TensorChange:
+    tensor: str
+    status: str  # "changed" | "added" | "removed"
+    relative_change: float | None
+
+
+@dataclass(frozen=True)
+class Diff:
+    a: str
+    b: str
+    changed: list[TensorChange]
+    unchanged: int
+
+
+@dataclass(frozen=True)
+class DamagedBlob:
+    sha256: str
+    problem: str
+    versions: list[str]
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    blobs_checked: int
+    bytes_checked: int
+    damaged: list[DamagedBlob]
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged
+
+
+@dataclass(frozen=True)
+class GcReport:
+    blobs_removed: int
+    bytes_freed: int
+    stray_files_removed: int
+    versions_purged: int
+
+
+@dataclass(frozen=True)
+class AliasEvent:
+    alias: str
+    ref: str | None
+    at: datetime

@@ -1,0 +1,146 @@
+"""The registry's tables (SQLAlchemy 2.0 typed ORM). Every change here ships with an Alembic migration.
+
+The database is the source of truth: blob files and search indexes can be verified or rebuilt from it.
+A version becomes visible in the same transaction that writes its manifest, so no reader ever sees
+half a version.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Model(Base):
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    family: Mapped[str] = mapped_column(String(32), index=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Version numbers are handed out from this counter under a row lock, so they are never reused.
+    next_number: Mapped[int] = mapped_column(default=1)
+
+    versions: Mapped[list[Version]] = relationship(back_populates="model", order_by="Version.number")
+
+
+class Version(Base):
+    __tablename__ = "versions"
+    __table_args__ = (UniqueConstraint("model_id", "number"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
+    number: Mapped[int]
+    # What the family adapter needs to rebuild the architecture (format, components, weight file names).
+    config: Mapped[dict[str, Any]]
+    manifest_hash: Mapped[str] = mapped_column(String(64), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="ready", index=True)
+    logical_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    added_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+    model: Mapped[Model] = relationship(back_populates="versions")
+    provenance: Mapped[Provenance] = relationship(back_populates="version", uselist=False)
+
+
+class VersionParent(Base):
+    """A typed lineage edge; merges and compositions have several parents."""
+
+    __tablename__ = "version_parents"
+
+    child_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), primary_key=True)
+    parent_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), primary_key=True, index=True)
+    relation: Mapped[str] = mapped_column(String(32))
+    evidence: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class Blob(Base):
+    """One tensor or one file, addressed by the sha256 of its content (dtype and shape included)."""
+
+    __tablename__ = "blobs"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8))  # "tensor" | "file"
+    dtype: Mapped[str | None] = mapped_column(String(16))
+    shape: Mapped[list[Any] | None]
+    nbytes: Mapped[int] = mapped_column(BigInteger)
+    location: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ManifestEntry(Base):
+    """(version, tensor name or file path) -> blob. A child that changes k tensors adds k blobs."""
+
+    __tablename__ = "manifest_entries"
+
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)
+    name: Mapped[str] = mapped_column(String(512), primary_key=True)
+    blob_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"), index=True)
+
+
+class Provenance(Base):
+    __tablename__ = "provenance"
+
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), primary_key=True)
+    method: Mapped[str] = mapped_column(String(64), index=True)
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    source: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    package_version: Mapped[str] = mapped_column(String(32))
+    duration_s: Mapped[float] = mapped_column(Float, default=0.0)
+
+    version: Mapped[Version] = relationship(back_populates="provenance")
+
+
+class Tag(Base):
+    """A key=value label on a model (version_id NULL) or on one version."""
+
+    __tablename__ = "tags"
+    __table_args__ = (
+        UniqueConstraint("model_id", "version_id", "key"),
+        Index("ix_tags_key_value", "key", "value"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
+    version_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id"), index=True)
+    key: Mapped[str] = mapped_column(String(128))
+    value: Mapped[str] = mapped_column(String(512))
+
+
+class Alias(Base):
+    """A movable name for one version of one model (`sd@prod`)."""
+
+    __tablename__ = "aliases"
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"))
+
+
+class AuditEvent(Base):
+    """Append-only history of alias moves and tag changes: rows are inserted, never updated."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_subject", "model_id", "kind", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "alias" | "tag"
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    version_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id"))
+    name: Mapped[str] = mapped_column(String(128))
+    value: Mapped[str | None] = mapped_column(String(512))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

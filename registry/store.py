@@ -1,0 +1,493 @@
+"""The registry: models, versions, their manifests of blobs, provenance, tags and aliases.
+
+`Registry.create_version` is the single place that makes a version visible. Blobs are written first
+(each atomically); then one write transaction assigns the version number, inserts the manifest,
+provenance and parent edges, and commits. A crash at any point leaves either no version or a whole one,
+plus at worst some unreferenced blob files that `gc` removes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib.metadata import version as package_version
+from typing import Any
+
+import torch
+from modelzoo.registry.blobs import BlobStore, LocalDirectoryBackend, StoredBlob
+from modelzoo.registry.db import Database
+from modelzoo.registry.errors import BadInput, NotFound
+from modelzoo.registry.records import AliasEvent, ModelSummary, ParentInfo, VersionInfo
+from modelzoo.registry.refs import check_alias_name, check_model_name, ref_of, resolve
+from modelzoo.registry.schema import (
+    Alias,
+    AuditEvent,
+    Blob,
+    ManifestEntry,
+    Model,
+    Provenance,
+    Tag,
+    Version,
+    VersionParent,
+)
+from modelzoo.registry.settings import Settings
+from sqlalchemy import delete, func, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int, int], None]
+EntryKey = tuple[str, str]  # (kind, name): kind is "tensor" or "file"
+Staged = dict[EntryKey, StoredBlob]
+WRITE_ATTEMPTS = 20
+# Commits take this PostgreSQL advisory lock shared and gc takes it exclusively, so gc never deletes
+# a blob file that a commit in flight has just found already present.
+GC_LOCK_KEY = 7350002
+
+
+@dataclass(frozen=True)
+class NewVersion:
+    """Everything about a version except its content: who made it, how, from what."""
+
+    model: str
+    family: str
+    config: dict[str, Any]
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    duration_s: float = 0.0
+    description: str = ""
+    model_tags: dict[str, str] = field(default_factory=dict)
+    parents: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)  # (ref, relation, evidence)
+
+
+class _BlobVanished(Exception):
+    """A blob that staging found present was removed before the commit (a concurrent gc)."""
+
+
+def manifest_hash(entries: Mapping[EntryKey, str]) -> str:
+    h = hashlib.sha256()
+    for (kind, name), sha in sorted(entries.items()):
+        h.update(f"{kind}\t{name}\t{sha}\n".encode())
+    return h.hexdigest()
+
+
+def _is_retryable(error: Exception) -> bool:
+    if isinstance(error, IntegrityError | _BlobVanished):
+        return True
+    if isinstance(error, OperationalError | DBAPIError):
+        message = str(getattr(error, "orig", error)).lower()
+        return any(s in message for s in ("locked", "busy", "deadlock", "could not serialize"))
+    return False
+
+
+class Registry:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.db = Database(settings.database_url)
+        self.db.ensure_schema()
+        self.blobs = BlobStore(LocalDirectoryBackend(settings.blob_dir))
+
+    # ---- writing -------------------------------------------------------------------------------
+
+    def stage_tensors(
+        self,
+        tensors: Iterable[tuple[str, torch.Tensor]],
+        allow_nonfinite: bool = False,
+        progress: Progress | None = None,
+        total_bytes: int = 0,
+    ) -> Staged:
+        """Write each tensor's blob (deduplicated) and return the manifest entries for them."""
+        staged: Staged = {}
+        done = 0
+        try:
+            for name, tensor in tensors:
+                if not name or ("tensor", name) in staged:
+                    raise BadInput(f"tensor name {name!r} is empty or appears twice")
+                if not allow_nonfinite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise BadInput(f"tensor {name!r} holds NaN or Inf values; pass --allow-nonfinite to keep them")
+                blob = self.blobs.put_tensor(tensor)
+                staged[("tensor", name)] = blob
+                done += blob.nbytes
+                if progress:
+                    progress(done, total_bytes)
+        except BaseException:
+            self.discard(staged)
+            raise
+        return staged
+
+    def discard(self, staged: Staged) -> None:
+        """Undo a failed staging: remove the blobs it wrote that no committed version has since claimed.
+
+        Runs as a write transaction, like gc, so it cannot race a commit that found those files present.
+        """
+        written = {b.sha256: b.location for b in staged.values() if b.written}
+        if not written:
+            return
+        with self.db.write() as session:
+            if not self.db.is_sqlite:
+                session.execute(text(f"SELECT pg_advisory_xact_lock({GC_LOCK_KEY})"))
+            claimed = self._existing_blobs(session, list(written))
+            self.blobs.delete(loc for sha, loc in written.items() if sha not in claimed)
+
+    def stage_files(self, files: Mapping[str, bytes]) -> Staged:
+        return {("file", path): self.blobs.put_file(data) for path, data in files.items()}
+
+    def create_version(
+        self, spec: NewVersion, staged: Staged, restage: Callable[[], Staged] | None = None
+    ) -> VersionInfo:
+        """Make a version of staged blobs visible in one transaction (retried on write conflicts).
+
+        `restage` writes the blobs again if a concurrent gc removed one that staging found present.
+        """
+        check_model_name(spec.model)
+        for attempt in range(WRITE_ATTEMPTS):
+            try:
+                self.blobs.sync()
+                with self.db.write() as session:
+                    version_id = self._insert_version(session, spec, staged)
+                return self.info_by_id(version_id)
+            except Exception as error:
+                if not _is_retryable(error) or attempt == WRITE_ATTEMPTS - 1:
+                    raise
+                log.debug("write conflict (%s); retrying", error)
+                time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
+                if isinstance(error, _BlobVanished):
+                    if restage is None:
+                        raise
+                    staged = restage()
+        raise AssertionError("unreachable")
+
+    def _insert_version(self, session: Session, spec: NewVersion, staged: Staged) -> int:
+        if not self.db.is_sqlite:
+            session.execute(text(f"SELECT pg_advisory_xact_lock_shared({GC_LOCK_KEY})"))
+        parents = [(resolve(session, ref), relation, evidence) for ref, relation, evidence in spec.parents]
+        model = session.scalar(select(Model).where(Model.name == spec.model).with_for_update())
+        if model is None:
+            model = Model(name=spec.model, family=spec.family, description=spec.description, next_number=1)
+            session.add(model)
+            session.flush()
+        elif model.family != spec.family:
+            raise BadInput(f"model {spec.model!r} is a {model.family} model, not {spec.family}")
+        for key, value in spec.model_tags.items():
+            self._set_tag(session, model, None, key, value)
+
+        shas = {blob.sha256: blob for blob in staged.values()}
+        existing = self._existing_blobs(session, list(shas))
+        new_blobs = [b for sha, b in shas.items() if sha not in existing]
+        for blob in shas.values():
+            if not blob.written and not self.blobs.backend.exists(blob.location):
+                raise _BlobVanished(blob.sha256)
+        if new_blobs:
+            session.execute(
+                self._insert_ignore(Blob),
+                [
+                    dict(sha256=b.sha256, kind=b.kind, dtype=b.dtype, shape=list(b.shape) if b.shape else None,
+                         nbytes=b.nbytes, location=b.location)
+                    for b in new_blobs
+                ],
+            )
+        number = model.next_number
+        model.next_number = number + 1
+        version = Version(
+            model_id=model.id,
+            number=number,
+            config=spec.config,
+            manifest_hash=manifest_hash({k: b.sha256 for k, b in staged.items()}),
+            logical_bytes=sum(b.nbytes for b in staged.values()),
+            added_bytes=sum(b.nbytes for b in new_blobs),
+        )
+        session.add(version)
+        session.flush()
+        session.execute(
+            ManifestEntry.__table__.insert(),
+            [dict(version_id=version.id, kind=k, name=n, blob_sha256=b.sha256) for (k, n), b in staged.items()],
+        )
+        session.add(
+            Provenance(
+                version_id=version.id,
+                method=spec.method,
+                params=spec.params,
+                metrics=spec.metrics,
+                source=spec.source,
+                package_version=package_version("modelzoo"),
+                duration_s=spec.duration_s,
+            )
+        )
+        for parent, relation, evidence in parents:
+            session.add(VersionParent(child_id=version.id, parent_id=parent.id, relation=relation, evidence=evidence))
+        return version.id
+
+    def _insert_ignore(self, table: type[Blob]) -> Any:
+        dialect = sqlite if self.db.is_sqlite else postgresql
+        return dialect.insert(table).on_conflict_do_nothing()
+
+    @staticmethod
+    def _existing_blobs(session: Session, shas: list[str]) -> set[str]:
+        found: set[str] = set()
+        for i in range(0, len(shas), 500):
+            found.update(session.scalars(select(Blob.sha256).where(Blob.sha256.in_(shas[i : i + 500]))))
+        return found
+
+    def commit(
+        self,
+        parent: str,
+        changed: Mapping[str, torch.Tensor],
+        method: str,
+        params: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        *,
+        name: str | None = None,
+        removed: Iterable[str] = (),
+        relation: str = "edit",
+        other_parents: Iterable[str] = (),
+        duration_s: float = 0.0,
+        allow_noop: bool = False,
+        allow_nonfinite: bool = False,
+    ) -> VersionInfo:
+        """The one way to derive a version: the parent's manifest with `changed` tensors replaced or added."""
+        with self.db.read() as session:
+            base = resolve(session, parent)
+            parent_ref, family, config = ref_of(base), base.model.family, dict(base.config)
+            manifest = self._manifest(session, base.id)
+        removed = set(removed)
+        unknown = sorted(n for n in removed if ("tensor", n) not in manifest)
+        if unknown:
+            raise BadInput(f"cannot remove tensors that {parent_ref} does not have: {unknown[:3]}")
+
+        def stage() -> Staged:
+            staged = self.stage_tensors(changed.items(), allow_nonfinite=allow_nonfinite)
+            with self.db.read() as session:
+                entries = self._staged_manifest(session, base.id)
+            for n in removed:
+                del entries[("tensor", n)]
+            entries.update(staged)
+            return entries
+
+        staged = stage()
+        if not allow_noop and {k: b.sha256 for k, b in staged.items()} == manifest:
+            raise BadInput(f"this {method} changes no tensor of {parent_ref}; nothing registered (--allow-noop)")
+        spec = NewVersion(
+            model=name or parent_ref.split("@")[0],
+            family=family,
+            config=config,
+            method=method,
+            params=dict(params or {}),
+            metrics=dict(metrics or {}),
+            duration_s=duration_s,
+            parents=[(parent_ref, relation, {})] + [(ref, relation, {}) for ref in other_parents],
+        )
+        return self.create_version(spec, staged, restage=stage)
+
+    def _staged_manifest_by_ref(self, ref: str) -> Staged:
+        with self.db.read() as session:
+            return self._staged_manifest(session, resolve(session, ref).id)
+
+    @staticmethod
+    def _staged_manifest(session: Session, version_id: int) -> Staged:
+        rows = session.execute(
+            select(ManifestEntry.kind, ManifestEntry.name, Blob)
+            .join(Blob, Blob.sha256 == ManifestEntry.blob_sha256)
+            .where(ManifestEntry.version_id == version_id)
+        )
+        return {
+            (kind, name): StoredBlob(
+                b.sha256, b.kind, b.dtype, tuple(b.shape) if b.shape else None, b.nbytes, b.location, False
+            )
+            for kind, name, b in rows
+        }
+
+    @staticmethod
+    def _manifest(session: Session, version_id: int) -> dict[EntryKey, str]:
+        rows = session.execute(
+            select(ManifestEntry.kind, ManifestEntry.name, ManifestEntry.blob_sha256).where(
+                ManifestEntry.version_id == version_id
+            )
+        )
+        return {(kind, name): sha for kind, name, sha in rows}
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    def info(self, ref: str, include_deleted: bool = False) -> VersionInfo:
+        with self.db.read() as session:
+            return self._info(session, resolve(session, ref, include_deleted))
+
+    def info_by_id(self, version_id: int) -> VersionInfo:
+        with self.db.read() as session:
+            version = session.get(Version, version_id)
+            if version is None:
+                raise NotFound(f"version id {version_id} does not exist")
+            return self._info(session, version)
+
+    def _info(self, session: Session, v: Version) -> VersionInfo:
+        prov = v.provenance
+        parents = session.execute(
+            select(VersionParent, Version).join(Version, Version.id == VersionParent.parent_id).where(
+                VersionParent.child_id == v.id
+            )
+        )
+        tags = {t.key: t.value for t in session.scalars(select(Tag).where(Tag.model_id == v.model_id)) if
+                t.version_id in (None, v.id)}
+        aliases = session.scalars(select(Alias.name).where(Alias.version_id == v.id)).all()
+        count = session.scalar(
+            select(func.count()).where(ManifestEntry.version_id == v.id, ManifestEntry.kind == "tensor")
+        )
+        return VersionInfo(
+            id=v.id,
+            ref=ref_of(v),
+            model=v.model.name,
+            family=v.model.family,
+            number=v.number,
+            manifest_hash=v.manifest_hash,
+            status=v.status,
+            created_at=v.created_at,
+            method=prov.method,
+            params=prov.params,
+            metrics=prov.metrics,
+            source=prov.source,
+            package_version=prov.package_version,
+            duration_s=prov.duration_s,
+            logical_bytes=v.logical_bytes,
+            added_bytes=v.added_bytes,
+            tensor_count=count or 0,
+            parents=[ParentInfo(ref_of(p), e.relation, e.evidence) for e, p in parents],
+            tags=tags,
+            aliases=sorted(aliases),
+            config=v.config,
+        )
+
+    def versions(self, model: str) -> list[VersionInfo]:
+        with self.db.read() as session:
+            m = session.scalar(select(Model).where(Model.name == model))
+            if m is None:
+                raise NotFound(f"no model named {model!r}; `zoo list` shows the registered models")
+            return [self._info(session, v) for v in m.versions]
+
+    def manifest(self, ref: str) -> dict[EntryKey, StoredBlob]:
+        return self._staged_manifest_by_ref(ref)
+
+    def load_tensors(
+        self, ref: str, names: Iterable[str] | None = None, verify: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """The version's tensors as memory-mapped torch tensors, each checked against its hash."""
+        manifest = self.manifest(ref)
+        wanted = None if names is None else set(names)
+        if wanted is not None:
+            missing = sorted(n for n in wanted if ("tensor", n) not in manifest)
+            if missing:
+                raise NotFound(f"{ref} has no tensors {missing[:3]}")
+        return {
+            name: self.blobs.get_tensor(blob.sha256, blob.location, verify=verify)
+            for (kind, name), blob in sorted(manifest.items())
+            if kind == "tensor" and (wanted is None or name in wanted)
+        }
+
+    def load_files(self, ref: str, verify: bool = True) -> dict[str, bytes]:
+        return {
+            name: self.blobs.get_file(blob.sha256, blob.location, verify=verify)
+            for (kind, name), blob in sorted(self.manifest(ref).items())
+            if kind == "file"
+        }
+
+    def list_models(self) -> list[ModelSummary]:
+        with self.db.read() as session:
+            latest = (
+                select(Version.model_id, func.max(Version.number).label("latest"), func.count().label("n"))
+                .where(Version.status == "ready")
+                .group_by(Version.model_id)
+                .subquery()
+            )
+            rows = session.execute(
+                select(Model, latest.c.latest, latest.c.n).outerjoin(latest, latest.c.model_id == Model.id)
+                .order_by(Model.name)
+            ).all()
+            tags: dict[int, dict[str, str]] = {}
+            for t in session.scalars(select(Tag).where(Tag.version_id.is_(None))):
+                tags.setdefault(t.model_id, {})[t.key] = t.value
+            return [
+                ModelSummary(m.name, m.family, m.description, latest, n or 0, tags.get(m.id, {}), m.created_at)
+                for m, latest, n in rows
+            ]
+
+    # ---- labels --------------------------------------------------------------------------------
+
+    def tag(self, ref: str, key: str, value: str) -> None:
+        """`name k=v` tags the model; `name@N k=v` tags one version. Every change is audited."""
+        if not key or "=" in key:
+            raise BadInput(f"invalid tag key {key!r}")
+        with self.db.write() as session:
+            if "@" in ref:
+                version = resolve(session, ref)
+                self._set_tag(session, version.model, version.id, key, value)
+            else:
+                model = session.scalar(select(Model).where(Model.name == ref))
+                if model is None:
+                    raise NotFound(f"no model named {ref!r}; `zoo list` shows the registered models")
+                self._set_tag(session, model, None, key, value)
+
+    @staticmethod
+    def _set_tag(session: Session, model: Model, version_id: int | None, key: str, value: str) -> None:
+        tag = session.scalar(
+            select(Tag).where(Tag.model_id == model.id, Tag.version_id.is_(version_id) if version_id is None
+                              else Tag.version_id == version_id, Tag.key == key)
+        )
+        if tag is not None and tag.value == value:
+            return
+        if tag is None:
+            session.add(Tag(model_id=model.id, version_id=version_id, key=key, value=value))
+        else:
+            tag.value = value
+        session.add(AuditEvent(kind="tag", model_id=model.id, version_id=version_id, name=key, value=value))
+
+    def set_alias(self, ref: str, alias: str) -> VersionInfo:
+        check_alias_name(alias)
+        with self.db.write() as session:
+            version = resolve(session, ref)
+            existing = session.get(Alias, (version.model_id, alias))
+            if existing is None:
+                session.add(Alias(model_id=version.model_id, name=alias, version_id=version.id))
+            else:
+                existing.version_id = version.id
+            session.add(AuditEvent(kind="alias", model_id=version.model_id, version_id=version.id, name=alias))
+            version_id = version.id
+        return self.info_by_id(version_id)
+
+    def alias_history(self, model: str, alias: str) -> list[AliasEvent]:
+        with self.db.read() as session:
+            m = session.scalar(select(Model).where(Model.name == model))
+            if m is None:
+                raise NotFound(f"no model named {model!r}")
+            events = session.execute(
+                select(AuditEvent, Version)
+                .outerjoin(Version, Version.id == AuditEvent.version_id)
+                .where(AuditEvent.model_id == m.id, AuditEvent.kind == "alias", AuditEvent.name == alias)
+                .order_by(AuditEvent.id)
+            ).all()
+            if not events:
+                raise NotFound(f"{model} never had an alias {alias!r}")
+            return [AliasEvent(alias, f"{model}@{v.number}" if v else None, e.at) for e, v in events]
+
+    def delete(self, ref: str) -> VersionInfo:
+        """Soft delete: the version disappears from lists and `latest`; `gc --purge` frees its blobs."""
+        with self.db.write() as session:
+            version = resolve(session, ref)
+            version.status = "deleted"
+            session.execute(delete(Alias).where(Alias.version_id == version.id))
+            version_id = version.id
+        return self.info_by_id(version_id)
+
+    def restore(self, ref: str) -> VersionInfo:
+        with self.db.write() as session:
+            version = resolve(session, ref, include_deleted=True)
+            if session.scalar(select(func.count()).where(ManifestEntry.version_id == version.id)) == 0:
+                raise NotFound(f"{ref} was purged by gc; its content is gone")
+            version.status = "ready"
+            version_id = version.id
+        return self.info_by_id(version_id)
+
