@@ -228,8 +228,8 @@ def run(argv: list[str] | None = None) -> Any:
     try:
         return app(args=argv, standalone_mode=True)
     except ZooError as error:
-        errors.print(f"error: {error}", markup=False, highlight=False)
+        print(f"error: {error}", file=sys.stderr)  # one unwrapped line, whatever the terminal width
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
-        errors.print("interrupted: nothing was registered", markup=False)
+        print("interrupted: nothing was registered", file=sys.stderr)
         sys.exit(130)

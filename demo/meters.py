@@ -10,9 +10,10 @@ background, stray pixels), not just for clean drawings:
   (anti-aliasing, blur) has d = alpha * (colour - background): the same direction, shorter. So the
   direction of d names the colour at any alpha, and the projection of d on the foreground's mean
   direction estimates alpha, a soft mask that is unbiased under noise.
-- The colour is a vote among confident foreground pixels, each voting for the palette hue nearest its
-  own; a hue angle on the opponent plane (a = R - (G + B) / 2, b = sqrt(3) / 2 (G - B)) ignores any
-  brightness difference. No clear majority, or too few pixels, reads as no colour.
+- The colour is read from the hue of d on the opponent plane (a = R - (G + B) / 2,
+  b = sqrt(3) / 2 (G - B)), which ignores brightness: confident foreground pixels vote for their
+  nearest palette hue, and the mean hue of the pixels within 45 degrees of the plurality names the
+  colour. Fewer than half the foreground in that window, or too few pixels, reads as no colour.
 - The shape is read from the soft mask with affine-invariant angular harmonics (below), the aspect
   ratio from its second moments.
 """
@@ -26,10 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
 from modelzoo.demo.shapes import BACKGROUND, COLOURS, RGB, SHAPES, ShapeSpec, coverage
 from modelzoo.registry.errors import BadInput
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MIN_CONTRAST = 60.0
 """Smallest |pixel - background| (0..255 units, Euclidean over RGB) that can count as foreground;
@@ -37,7 +37,10 @@ about 4 sigma of the 3-channel noise magnitude at sigma = 15 and a third of any 
 MIN_FOREGROUND = 0.01
 """Smallest fraction of the image the confident foreground must cover (10 pixels at 32 x 32)."""
 MIN_SHARE = 0.5
-"""A colour is named only when it wins at least this share of the confident foreground's votes."""
+"""A colour is named only when at least this share of the confident foreground lies in its hue window."""
+HUE_WINDOW_COS = math.cos(math.radians(45))
+"""Half-width of the hue window around the plurality colour: wider than the 30 degrees between
+neighbouring palette colours, narrower than the 60 degrees to a colour halfway between two of them."""
 ALPHA_RAMP = (0.3, 0.7)
 """Estimated coverage mapped linearly to mask weight 0..1: keeps the boundary at half coverage and
 drops background noise (alpha noise is about 0.08 at sigma = 15)."""
@@ -52,9 +55,10 @@ clean circles score under 0.05 and noisy, blurred cornered shapes over 0.7."""
 class ImageReading:
     """What one image shows; `None` / NaN where the image has no clear single-coloured foreground.
 
-    `colour_share` is the winning colour's share of the foreground votes and `foreground` the fraction
-    of the image covered by the soft mask: they say how sure a reading is. `harmonics` holds, per
-    cornered shape, its harmonic strength relative to a clean drawing (1.0 = like the drawing).
+    `colour_share` is the share of the confident foreground within the named colour's hue window and
+    `foreground` the fraction of the image covered by the soft mask: they say how sure a reading is.
+    `harmonics` holds, per cornered shape, its harmonic strength relative to a clean drawing (1.0 = like
+    the drawing).
     """
 
     colour: str | None
@@ -69,9 +73,12 @@ def _as_batch(images: np.ndarray) -> np.ndarray:
     batch = np.asarray(images)
     if batch.ndim == 3:
         batch = batch[None]
-    if batch.ndim != 4 or batch.shape[-1] != 3:
-        raise BadInput(f"expected uint8 images shaped (H, W, 3) or (N, H, W, 3), got {batch.shape}")
-    return batch.astype(np.float32)
+    if batch.ndim != 4 or batch.shape[-1] != 3 or batch.dtype != np.uint8:
+        raise BadInput(
+            f"expected uint8 RGB images shaped (H, W, 3) or (N, H, W, 3), got {batch.dtype} {batch.shape}; "
+            "convert generated images with (x * 255).round().clip(0, 255).astype(np.uint8)"
+        )
+    return batch
 
 
 def _opponent(d: np.ndarray) -> np.ndarray:
@@ -165,65 +172,100 @@ def _clean_harmonics() -> np.ndarray:
     return np.diag(_harmonics(w, _moments(w)))
 
 
-def measure(images: np.ndarray, colours: Sequence[str] = COLOURS) -> list[ImageReading]:
-    """Read colour, shape and aspect ratio of uint8 images (H, W, 3) or (N, H, W, 3) in one pass.
+@dataclass(frozen=True)
+class _ColourVote:
+    """Per image: the named palette index, its share of the confident foreground, and its pixels."""
 
-    `colours` restricts the palette the colour vote chooses from (e.g. the four basic colours).
-    """
-    x = _as_batch(images)
+    winner: np.ndarray
+    share: np.ndarray
+    pixels: np.ndarray
+
+
+def _vote_colours(d: np.ndarray, confident: np.ndarray, colours: Sequence[str]) -> _ColourVote:
+    # Only chromatic pixels vote; a pixel that differs from the background mostly in brightness does not.
+    ab = _opponent(d)
+    chroma = np.linalg.norm(ab, axis=-1)
+    chromatic = confident & (chroma >= 0.5 * np.linalg.norm(d, axis=-1))
+    palette = _palette_directions(colours)
+    nearest = (ab @ palette.T).argmax(-1)
+    votes = np.stack([(chromatic & (nearest == k)).sum((1, 2)) for k in range(len(colours))], axis=1)
+    # Noise and blur split a colour's votes with its neighbours 30 degrees away, so the plurality only
+    # picks a hue window; the mean of the pixels inside it names the colour.
+    window = palette[votes.argmax(1)][:, None, None, :]
+    pixels = chromatic & ((ab * window).sum(-1) >= HUE_WINDOW_COS * chroma)
+    mean_ab = (ab * pixels[..., None]).sum((1, 2))
+    return _ColourVote(
+        winner=(mean_ab @ palette.T).argmax(1),
+        share=pixels.sum((1, 2)) / np.maximum(confident.sum((1, 2)), 1),
+        pixels=pixels,
+    )
+
+
+def _coverage(d: np.ndarray, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Estimated alpha per pixel (N, H, W), d projected on the mean difference of `pixels`, and the
+    cosine between each pixel's d and that direction."""
+    direction = (d * pixels[..., None]).sum((1, 2)) / np.maximum(pixels.sum((1, 2)), 1)[:, None]
+    length = np.maximum(np.linalg.norm(direction, axis=-1), 1e-3)[:, None, None]
+    along = (d * direction[:, None, None, :]).sum(-1) / length
+    return along / length, along / np.maximum(np.linalg.norm(d, axis=-1), 1e-3)
+
+
+def _measure_batch(x: np.ndarray, colours: Sequence[str]) -> list[ImageReading]:
     n, height, width, _ = x.shape
     border = np.concatenate([x[:, 0], x[:, -1], x[:, 1:-1, 0], x[:, 1:-1, -1]], axis=1)
     d = x - np.median(border, axis=1)[:, None, None, :]
     contrast = np.linalg.norm(d, axis=-1)
-
+    # Half the near-peak contrast separates a shape from its blurred rim and from noise alike.
     peak = np.percentile(contrast.reshape(n, -1), 99, axis=1)
-    threshold = np.maximum(MIN_CONTRAST, 0.5 * peak)[:, None, None]
-    confident = contrast >= threshold
+    confident = contrast >= np.maximum(MIN_CONTRAST, 0.5 * peak)[:, None, None]
     n_confident = confident.sum((1, 2))
-
-    # Only chromatic pixels vote; a pixel that differs from the background mostly in brightness does not.
-    ab = _opponent(d)
-    chromatic = confident & (np.linalg.norm(ab, axis=-1) >= 0.5 * contrast)
-    # The nearest hue is the palette direction with the largest projection.
-    nearest = (ab @ _palette_directions(colours).T).argmax(-1)
-    votes = np.stack([(chromatic & (nearest == k)).sum((1, 2)) for k in range(len(colours))], axis=1)
-    winner = votes.argmax(1)
-    share = votes[np.arange(n), winner] / np.maximum(n_confident, 1)
     enough = n_confident >= MIN_FOREGROUND * height * width
-    named = enough & (share >= MIN_SHARE)
 
-    # The foreground's direction: the winning colour's pixels, or all confident ones if none won.
-    voters = np.where(named[:, None, None], chromatic & (nearest == winner[:, None, None]), confident)
-    direction = (d * voters[..., None]).sum((1, 2)) / np.maximum(voters.sum((1, 2)), 1)[:, None]
-    alpha = (d * direction[:, None, None, :]).sum(-1) / np.maximum(
-        (direction**2).sum(-1), 1e-6
-    )[:, None, None]
+    vote = _vote_colours(d, confident, colours)
+    named = enough & (vote.share >= MIN_SHARE)
+    alpha, cosine = _coverage(d, np.where(named[:, None, None], vote.pixels, confident))
+    # A coherent foreground points one way; pure noise has confident pixels in every direction.
+    coherent = enough & ((confident & (cosine >= 0.8)).sum((1, 2)) >= 0.5 * n_confident)
     near = _near_confident(alpha >= 0.5)
     w = np.clip((alpha - ALPHA_RAMP[0]) / (ALPHA_RAMP[1] - ALPHA_RAMP[0]), 0.0, 1.0) * near
     m = _moments(w)
     # Coverage itself (not the ramp) keeps the anti-aliased edge's sub-pixel position for the aspect.
     m_linear = _moments(np.clip(alpha, 0.0, 1.0) * near)
-    # A coherent foreground points one way: pure noise has confident pixels in every direction.
-    cosine = alpha * np.linalg.norm(direction, axis=-1)[:, None, None] / np.maximum(contrast, 1e-6)
-    coherent = enough & ((confident & (cosine >= 0.8)).sum((1, 2)) >= 0.5 * n_confident)
-
-    scores = _harmonics(w, m) / _clean_harmonics()
     aspect = np.sqrt(m_linear.cxx / np.maximum(m_linear.cyy, 1e-9))
+
+    raw = _harmonics(w, m)
+    scores = raw / _clean_harmonics()
+    # The strongest raw harmonic picks the corners (noise lifts all h_k alike, and the square's clean
+    # value is the smallest, so scaled scores would favour it); the scaled one tells corners from a disc.
+    best = raw.argmax(1)
     names = list(HARMONICS.values())
     readings = []
     for i in range(n):
-        best = int(scores[i].argmax())
-        shape = (names[best] if scores[i, best] >= MIN_HARMONIC else SHAPES[0]) if coherent[i] else None
+        cornered = scores[i, best[i]] >= MIN_HARMONIC
+        shape = (names[best[i]] if cornered else SHAPES[0]) if coherent[i] else None
         readings.append(
             ImageReading(
-                colour=colours[winner[i]] if named[i] else None,
+                colour=colours[vote.winner[i]] if named[i] else None,
                 shape=shape,
                 aspect=float(aspect[i]) if coherent[i] else math.nan,
-                colour_share=float(share[i]),
+                colour_share=float(vote.share[i]),
                 foreground=float(m.mass[i] / (height * width)),
                 harmonics={name: float(v) for name, v in zip(names, scores[i], strict=True)},
             )
         )
+    return readings
+
+
+def measure(images: np.ndarray, colours: Sequence[str] = COLOURS, batch_size: int = 256) -> list[ImageReading]:
+    """Read colour, shape and aspect ratio of uint8 images (H, W, 3) or (N, H, W, 3).
+
+    `colours` restricts the palette the colour vote chooses from (e.g. the four basic colours);
+    `batch_size` images are read at once, to bound memory.
+    """
+    batch = _as_batch(images)
+    readings: list[ImageReading] = []
+    for start in range(0, len(batch), batch_size):
+        readings += _measure_batch(batch[start : start + batch_size].astype(np.float32), colours)
     return readings
 
 

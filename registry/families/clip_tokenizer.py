@@ -23,7 +23,8 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 @lru_cache
 def _merges() -> tuple[str, ...]:
     path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-    lines = gzip.open(path).read().decode("utf-8").split("\n")
+    with gzip.open(path) as f:
+        lines = f.read().decode("utf-8").split("\n")
     return tuple(lines[1 : FULL_MERGES + 1])
 
 
