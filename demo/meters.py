@@ -13,7 +13,7 @@ background, stray pixels), not just for clean drawings:
 - The colour is read from the hue of d on the opponent plane (a = R - (G + B) / 2,
   b = sqrt(3) / 2 (G - B)), which ignores brightness: confident foreground pixels vote for their
   nearest palette hue, and the mean hue of the pixels within 45 degrees of the plurality names the
-  colour. Fewer than half the foreground in that window, or too few pixels, reads as no colour.
+  colour. Less than 60% of the foreground in that window, or too few pixels, reads as no colour.
 - The shape is read from the soft mask with affine-invariant angular harmonics (below), the aspect
   ratio from its second moments.
 """
@@ -24,20 +24,24 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from modelzoo.demo.shapes import BACKGROUND, COLOURS, RGB, SHAPES, ShapeSpec, coverage
 from modelzoo.registry.errors import BadInput
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MIN_CONTRAST = 60.0
 """Smallest |pixel - background| (0..255 units, Euclidean over RGB) that can count as foreground;
 about 4 sigma of the 3-channel noise magnitude at sigma = 15 and a third of any palette colour's."""
 MIN_FOREGROUND = 0.01
 """Smallest fraction of the image the confident foreground must cover (10 pixels at 32 x 32)."""
-MIN_SHARE = 0.5
-"""A colour is named only when at least this share of the confident foreground lies in its hue window."""
+MIN_SHARE = 0.6
+"""A colour is named only when at least this share of the confident foreground lies in its hue window:
+a clear majority, so half-and-half images stay unnamed (heavy noise and blur keep shares above 0.65)."""
 HUE_WINDOW_COS = math.cos(math.radians(45))
 """Half-width of the hue window around the plurality colour: wider than the 30 degrees between
 neighbouring palette colours, narrower than the 60 degrees to a colour halfway between two of them."""

@@ -61,6 +61,8 @@ CAPTION_TEMPLATES: tuple[str, ...] = (
 
 SUPERSAMPLE = 4
 CIRCLE_VERTICES = 96
+MARGIN = 0.04
+"""Sampled shapes keep this fraction of the image clear on every side (over one pixel at 32 x 32)."""
 STAR_POINTS = 5
 STAR_INNER_RATIO = 0.45
 """Inner/outer radius of the star; fatter than a regular pentagram (0.38) so points survive 32 px."""
@@ -171,9 +173,10 @@ def sample_specs(
 ) -> list[ShapeSpec]:
     """`n` random specs, deterministic for the seed: uniform shape, colour, size, aspect, rotation.
 
-    The centre is drawn so that the whole (stretched) shape stays inside the image, and the aspect
-    log-uniformly so that widening and narrowing are equally likely. The first k specs of a seed are
-    the same for every n >= k.
+    The centre is drawn so that the whole (stretched) shape stays `MARGIN` inside the image, which keeps
+    the border pure background for the meters; a size too large for its aspect is shrunk to fit. The
+    aspect is drawn log-uniformly so that widening and narrowing are equally likely. The first k specs
+    of a seed are the same for every n >= k.
     """
     # One row of uniforms per sample, so the first k specs do not depend on n.
     u = np.random.default_rng(seed).random((n, 7))
@@ -183,10 +186,11 @@ def sample_specs(
     log_lo, log_hi = math.log(aspect_range[0]), math.log(aspect_range[1])
     aspects = np.exp(log_lo + u[:, 3] * (log_hi - log_lo))
     rotations = u[:, 4] * 360.0 if rotate else np.zeros(n)
-    half_w = np.minimum(sizes * aspects / 2, 0.5)
-    half_h = np.minimum(sizes / 2, 0.5)
-    cx = half_w + u[:, 5] * (1 - 2 * half_w)
-    cy = half_h + u[:, 6] * (1 - 2 * half_h)
+    room = 1 - 2 * MARGIN
+    sizes = np.minimum(sizes, room / np.maximum(aspects, 1.0))
+    width, height = sizes * aspects, sizes
+    cx = MARGIN + width / 2 + u[:, 5] * (room - width)
+    cy = MARGIN + height / 2 + u[:, 6] * (room - height)
     return [
         ShapeSpec(
             shape=shapes[shape_idx[i]],

@@ -15,10 +15,10 @@ DEFAULT_GRACE_S = 3600.0
 def verify(registry: Registry, ref: str | None = None) -> VerifyReport:
     """Check the blobs of one version (or of every version) and name each version a damaged blob affects."""
     with registry.db.read() as session:
-        query = select(Blob).join(ManifestEntry, ManifestEntry.blob_sha256 == Blob.sha256).distinct()
+        used = select(ManifestEntry.blob_sha256)
         if ref is not None:
-            query = query.where(ManifestEntry.version_id == resolve(session, ref, include_deleted=True).id)
-        blobs = session.scalars(query).all()
+            used = used.where(ManifestEntry.version_id == resolve(session, ref, include_deleted=True).id)
+        blobs = session.scalars(select(Blob).where(Blob.sha256.in_(used)).order_by(Blob.sha256)).all()
     damaged: list[DamagedBlob] = []
     for blob in blobs:
         problem = registry.blobs.check(blob.sha256, blob.kind, blob.location)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from modelzoo.registry.records import Diff, Lineage, LineageNode, TensorChange
 from modelzoo.registry.refs import resolve
 from modelzoo.registry.store import Registry
@@ -14,13 +16,13 @@ WITH RECURSIVE walk(id, relation, depth) AS (
     UNION ALL
     SELECT e.{next}, e.relation, w.depth + 1 FROM version_parents e JOIN walk w ON e.{this} = w.id
 )
-SELECT m.name, v.number, w.relation, p.method, p.params, MIN(w.depth) AS depth
-FROM walk w
+SELECT m.name, v.number, w.relation, p.method, p.params, w.depth
+FROM (SELECT id, MIN(depth) AS depth FROM walk GROUP BY id) nearest
+JOIN walk w ON w.id = nearest.id AND w.depth = nearest.depth
 JOIN versions v ON v.id = w.id
 JOIN models m ON m.id = v.model_id
 JOIN provenance p ON p.version_id = v.id
-GROUP BY w.id, m.name, v.number, w.relation, p.method, p.params
-ORDER BY depth, m.name, v.number
+ORDER BY w.depth, m.name, v.number
 """
 ANCESTORS = _WALK.format(next="parent_id", this="child_id")
 DESCENDANTS = _WALK.format(next="child_id", this="parent_id")
@@ -31,7 +33,8 @@ def _walk(session: Session, query: str, version_id: int) -> list[LineageNode]:
     for name, number, relation, method, params, depth in session.execute(text(query), {"start": version_id}):
         ref = f"{name}@{number}"
         if ref not in nodes:  # a diamond reaches one version by two edges; keep the nearest
-            nodes[ref] = LineageNode(ref, relation, method, params if isinstance(params, dict) else {}, depth)
+            params = json.loads(params) if isinstance(params, str) else params  # SQLite returns JSON as text
+            nodes[ref] = LineageNode(ref, relation, method, params or {}, depth)
     return list(nodes.values())
 
 

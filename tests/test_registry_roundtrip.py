@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import modelzoo
 import torch
 from tiny_models import sd_images
-
-import modelzoo
 
 
 def _blob_files(home: Path) -> set[Path]:
@@ -86,12 +85,14 @@ def test_single_safetensors_file_with_config_imports_and_exports(zoo, gpt2_dir, 
 def test_lineage_tags_aliases_and_soft_delete(zoo, gpt2_dir):
     base = zoo.import_(gpt2_dir, "gpt2", tags={"license": "mit"})
     w = "transformer.ln_f.weight"
-    child = zoo.commit(base.ref, {w: zoo.tensors(base.ref)[w] * 2}, method="scale")
+    child = zoo.commit(base.ref, {w: zoo.tensors(base.ref)[w] * 2}, method="scale", params={"by": 2})
     grandchild = zoo.commit(child.ref, {w: zoo.tensors(base.ref)[w] * 3}, method="scale", name="gpt2-scaled")
     lineage = zoo.lineage(child.ref)
     assert [a.ref for a in lineage.ancestors] == ["gpt2@1"]
+    assert lineage.descendants[0].method == "scale" and lineage.descendants[0].relation == "edit"
     assert [d.ref for d in lineage.descendants] == ["gpt2-scaled@1"]
-    assert [a.ref for a in zoo.lineage(grandchild.ref).ancestors] == ["gpt2@2", "gpt2@1"]
+    ancestors = zoo.lineage(grandchild.ref).ancestors
+    assert [a.ref for a in ancestors] == ["gpt2@2", "gpt2@1"] and ancestors[0].params == {"by": 2}
     zoo.set_alias("gpt2@1", "prod")
     zoo.set_alias("gpt2@2", "prod")
     assert zoo.get("gpt2@prod").number == 2

@@ -1,0 +1,150 @@
+"""Damage is found and named; schemas this code does not know are refused; crashes leave no half version."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import modelzoo
+import pytest
+import torch
+from cli_helpers import snapshot, zoo_cli
+from modelzoo.registry.errors import Corrupted
+
+
+def test_flipped_byte_is_named_by_verify_with_the_versions_using_it(zoo, home, gpt2_dir, capsys):
+    base = zoo.import_(gpt2_dir, "gpt2")
+    w = "transformer.h.0.attn.c_attn.weight"
+    zoo.commit(base.ref, {"transformer.ln_f.weight": torch.full((32,), 2.0)}, method="scale")
+    blob = next(b for (k, n), b in zoo.registry.manifest(base.ref).items() if n == w)
+    path = home / "blobs" / blob.location
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+    result = zoo_cli(capsys, home, "verify", "--json")
+    assert result.code == 1
+    report = json.loads(result.out)
+    assert [d["sha256"] for d in report["damaged"]] == [blob.sha256]
+    assert report["damaged"][0]["versions"] == ["gpt2@1", "gpt2@2"]
+    assert zoo_cli(capsys, home, "verify").err.count(blob.sha256) == 1
+    with pytest.raises(Corrupted, match="damaged"):
+        zoo.tensors("gpt2@2")
+    untouched = zoo.tensors("gpt2@2", names=["transformer.ln_f.weight"])
+    assert torch.equal(untouched["transformer.ln_f.weight"], torch.full((32,), 2.0))
+
+
+def test_missing_blob_file_is_damage(zoo, home, gpt2_dir, capsys):
+    zoo.import_(gpt2_dir, "gpt2")
+    victim = next(p for p in (home / "blobs").rglob("*.safetensors"))
+    victim.unlink()
+    result = zoo_cli(capsys, home, "verify", "--json")
+    assert result.code == 1 and json.loads(result.out)["damaged"][0]["problem"] == "missing"
+
+
+def test_newer_schema_is_refused_and_left_alone(zoo, home, capsys):
+    with sqlite3.connect(home / "registry.db") as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '9999_from_the_future'")
+    before = snapshot(home)
+    result = zoo_cli(capsys, home, "list")
+    assert result.code == 2 and "newer than this modelzoo" in result.err
+    assert snapshot(home) == before
+
+
+def test_foreign_database_is_refused(home, capsys):
+    home.mkdir(parents=True)
+    with sqlite3.connect(home / "registry.db") as conn:
+        conn.execute("CREATE TABLE notes (x TEXT)")
+    result = zoo_cli(capsys, home, "list")
+    assert result.code == 2 and "not a modelzoo registry" in result.err
+
+
+def test_old_schema_is_upgraded_on_open(home):
+    from alembic import command
+    from modelzoo.registry.db import _alembic_config, head_revision
+    from sqlalchemy import create_engine
+
+    engine = create_engine(f"sqlite:///{home / 'registry.db'}")
+    home.mkdir(parents=True)
+    with engine.begin() as conn:
+        command.upgrade(_alembic_config(conn), "0001")
+    assert modelzoo.open(home).registry.db.current_revision() == head_revision()
+
+
+WRITER = """
+import sys, time, modelzoo
+zoo = modelzoo.open(sys.argv[1])
+scale = float(sys.argv[2])
+started = time.perf_counter()
+print("READY", flush=True)
+if scale == 0:
+    zoo.import_(sys.argv[3], "victim")
+else:  # every tensor changes, so each commit writes a whole model's worth of new blobs
+    zoo.commit("victim@1", {n: t * scale for n, t in zoo.tensors("victim@1").items()}, method="scale")
+print("DONE", time.perf_counter() - started, flush=True)
+"""
+
+
+def test_killed_writers_leave_no_half_version_and_retry_succeeds(tmp_path):
+    """SIGKILL imports and commits at random moments: the registry always verifies and holds whole versions."""
+    from safetensors import safe_open
+    from tiny_models import save_tiny_gpt2
+
+    model_dir = save_tiny_gpt2(tmp_path / "big", n_layer=8, n_embd=384, vocab_size=8192)
+    with safe_open(model_dir / "model.safetensors", "pt") as f:
+        expected_tensors = len(list(f.keys()))
+    home = tmp_path / "zoo"
+    modelzoo.open(home)
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    rng = random.Random(0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    def command(scale: float) -> list[str]:
+        return [sys.executable, str(script), str(home), str(scale), str(model_dir)]
+
+    subprocess.run(command(0), env=env, check=True, capture_output=True)
+    first = subprocess.run(command(1.5), env=env, check=True, capture_output=True, text=True)
+    work = float(first.stdout.split("DONE")[1])  # one whole commit sets the time scale for the kills
+    kills = 0
+    for trial in range(20):
+        kind = 0 if trial % 5 == 0 else 2.0 + trial  # some imports (deduplicated), mostly commits
+        proc = subprocess.Popen(command(kind), env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert proc.stdout is not None and proc.stdout.readline().startswith(b"READY")
+        time.sleep(work * rng.uniform(0.0, 1.1))
+        proc.send_signal(signal.SIGKILL)
+        out, _ = proc.communicate()
+        kills += b"DONE" not in out
+        zoo = modelzoo.open(home)
+        assert zoo.verify().ok
+        for version in zoo.versions("victim") if zoo.list() else []:
+            tensors = zoo.tensors(version.ref)  # whole: every tensor present and matching its hash
+            assert len(tensors) == version.tensor_count == expected_tensors
+    assert kills >= 10, "the kills should land mid-write most of the time"
+    zoo = modelzoo.open(home)
+    retried = zoo.commit("victim@1", {n: t * 2.0 for n, t in zoo.tensors("victim@1").items()}, method="scale")
+    assert zoo.verify(retried.ref).ok
+    numbers = [v.number for v in zoo.versions("victim")]
+    assert numbers == list(range(1, len(numbers) + 1))
+    zoo.gc(grace_s=0)
+    assert zoo.verify().ok
+    leftovers = [p for p in (home / "blobs").rglob("*") if p.is_file() and p.name.startswith(".tmp-")]
+    assert leftovers == []
+
+
+def test_failed_staging_leaves_no_blob_behind(zoo, home, gpt2_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    zoo.import_(gpt2_dir, "gpt2")
+    before = snapshot(home)
+    weights = tmp_path / "late-nan.safetensors"
+    save_file({"a": torch.randn(4096), "b": torch.randn(4096), "z": torch.tensor([float("inf")])}, weights)
+    (tmp_path / "late-nan.json").write_text((gpt2_dir / "config.json").read_text())
+    with pytest.raises(modelzoo.BadInput):
+        zoo.import_(weights, "nan")
+    assert snapshot(home) == before
