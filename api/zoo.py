@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from modelzoo.registry import integrity
 from modelzoo.registry import lineage as lineage_queries
 from modelzoo.registry.exporter import export_version

@@ -6,8 +6,9 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import modelzoo
 import typer
+
+import modelzoo
 from modelzoo.cli.output import byte_progress, console, emit, errors, human_bytes, table
 from modelzoo.registry.errors import BadInput, ZooError
 from modelzoo.registry.records import Diff, Lineage, VerifyReport, VersionInfo

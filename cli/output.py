@@ -7,10 +7,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from modelzoo.registry.records import to_json
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
+
+from modelzoo.registry.records import to_json
 
 console = Console()
 errors = Console(stderr=True)

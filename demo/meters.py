@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
 from modelzoo.demo.shapes import BACKGROUND, COLOURS, RGB, SHAPES, ShapeSpec, coverage
 from modelzoo.registry.errors import BadInput
 

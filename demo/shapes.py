@@ -25,8 +25,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from modelzoo.registry.errors import BadInput
 from PIL import Image, ImageDraw
+
+from modelzoo.registry.errors import BadInput
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+
 from modelzoo.registry.errors import Corrupted, NotFound
 from modelzoo.registry.safetensors_io import (
     MappedFile,

@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 import torch
+
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.formats import split_tensor_name
 from modelzoo.registry.lineage import lineage

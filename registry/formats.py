@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import yaml
+
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.safetensors_io import TensorInfo, iter_tensors, read_header
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from sqlalchemy import delete, select, text, update
+
 from modelzoo.registry.blobs import TEMP_PREFIX
 from modelzoo.registry.records import DamagedBlob, GcReport, VerifyReport
 from modelzoo.registry.refs import resolve
 from modelzoo.registry.schema import Blob, ManifestEntry, Model, Version
 from modelzoo.registry.store import GC_LOCK_KEY, Registry
-from sqlalchemy import delete, select, text, update
 
 DEFAULT_GRACE_S = 3600.0
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
 from modelzoo.registry.records import Diff, Lineage, LineageNode, TensorChange
 from modelzoo.registry.refs import resolve
 from modelzoo.registry.store import Registry
-from sqlalchemy import text
-from sqlalchemy.orm import Session
 
 _WALK = """
 WITH RECURSIVE walk(id, relation, depth) AS (

@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from modelzoo.registry.errors import BadInput, NotFound
-from modelzoo.registry.schema import Alias, Model, Version
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+
+from modelzoo.registry.errors import BadInput, NotFound
+from modelzoo.registry.schema import Alias, Model, Version
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 HASH_PREFIX = re.compile(r"^[0-9a-f]{6,64}$")

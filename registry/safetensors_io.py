@@ -18,6 +18,7 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
+
 from modelzoo.registry.errors import BadInput
 
 DTYPES: dict[str, torch.dtype] = {

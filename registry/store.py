@@ -18,6 +18,11 @@ from importlib.metadata import version as package_version
 from typing import Any
 
 import torch
+from sqlalchemy import delete, func, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
 from modelzoo.registry.blobs import BlobStore, LocalDirectoryBackend, StoredBlob
 from modelzoo.registry.db import Database
 from modelzoo.registry.errors import BadInput, NotFound
@@ -35,10 +40,6 @@ from modelzoo.registry.schema import (
     VersionParent,
 )
 from modelzoo.registry.settings import Settings
-from sqlalchemy import delete, func, select, text
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
-from sqlalchemy.orm import Session
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]

@@ -17,8 +17,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import modelzoo  # noqa: E402
 from tiny_models import save_tiny_gpt2, save_tiny_sd  # noqa: E402
+
+import modelzoo  # noqa: E402
 
 torch.set_num_threads(2)
 PG_BIN_DIRS = [Path("/usr/lib/postgresql/15/bin"), *sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)]

@@ -3,12 +3,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from modelzoo.demo import meters, shapes
-from modelzoo.demo.shapes import BACKGROUND, RGB, SHAPES, ShapeSpec
-from modelzoo.registry.errors import BadInput
 from PIL import Image, ImageFilter
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from modelzoo.demo import meters, shapes
+from modelzoo.demo.shapes import BACKGROUND, RGB, SHAPES, ShapeSpec
+from modelzoo.registry.errors import BadInput
 
 # Never used while the meters were tuned, so the accuracies below are held-out numbers.
 HELD_OUT_SEED = 8_675_309

@@ -7,9 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import modelzoo
 import pytest
 import torch
+
+import modelzoo
 
 WRITER = """
 import sys, torch, modelzoo

@@ -11,10 +11,11 @@ import subprocess
 import sys
 import time
 
-import modelzoo
 import pytest
 import torch
 from cli_helpers import snapshot, zoo_cli
+
+import modelzoo
 from modelzoo.registry.errors import Corrupted
 
 
@@ -67,8 +68,9 @@ def test_foreign_database_is_refused(home, capsys):
 
 def test_old_schema_is_upgraded_on_open(home):
     from alembic import command
-    from modelzoo.registry.db import _alembic_config, head_revision
     from sqlalchemy import create_engine
+
+    from modelzoo.registry.db import _alembic_config, head_revision
 
     engine = create_engine(f"sqlite:///{home / 'registry.db'}")
     home.mkdir(parents=True)

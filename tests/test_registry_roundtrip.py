@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import modelzoo
 import torch
 from tiny_models import sd_images
+
+import modelzoo
 
 
 def _blob_files(home: Path) -> set[Path]:

@@ -2,6 +2,7 @@ import math
 
 import numpy as np
 import pytest
+
 from modelzoo.demo import shapes
 from modelzoo.demo.shapes import BACKGROUND, COLOURS, RGB, SHAPES, ShapeSpec
 from modelzoo.registry.errors import BadInput

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.families.stylegan import (
     Generator,

@@ -1,8 +1,9 @@
 import pytest
 import torch
+from torch import nn
+
 from modelzoo.registry.families.stylegan import StyleGanConfig, build, latents_for_seeds
 from modelzoo.registry.tracing import trace
-from torch import nn
 
 
 class Boom(nn.Module):

@@ -23,8 +23,9 @@ def save_tiny_gpt2(directory: Path, seed: int = 0, **kwargs: int) -> Path:
 def tiny_sd_pipeline(seed: int = 0):  # type: ignore[no-untyped-def]
     """A StableDiffusionPipeline with diffusers' own tiny test shapes and an offline CLIP tokenizer."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from modelzoo.registry.families.clip_tokenizer import clip_tokenizer_files
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from modelzoo.registry.families.clip_tokenizer import clip_tokenizer_files
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(

@@ -43,8 +43,9 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from modelzoo.registry.errors import BadInput
 from torch import Tensor, nn
+
+from modelzoo.registry.errors import BadInput
 
 NoiseMode = Literal["const", "random", "none"]
 NOISE_MODES: tuple[str, ...] = ("const", "random", "none")

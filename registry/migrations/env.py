@@ -1,6 +1,7 @@
 """Alembic environment: always run with a connection handed in by modelzoo.registry.db."""
 
 from alembic import context
+
 from modelzoo.registry.schema import Base
 
 connection = context.config.attributes["connection"]

@@ -1,0 +1,100 @@
+"""The family adapter interface: how a registered version becomes a live model, and back.
+
+One module per family (`diffusion`, `lm`, `gan`), each registered under the entry-point group
+`modelzoo.families`, so a third party can add a family without touching this repository. Search and
+every editor go through this interface; none of them builds a model itself.
+
+Tensor names are the registry's: `unet/down_blocks.0...attn2.to_k.weight` for a diffusers pipeline
+(component folder, then the component's state-dict key), plain state-dict keys for an LM or a GAN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from modelzoo.registry.errors import BadInput
+from modelzoo.registry.store import Registry
+
+
+@dataclass
+class LoadedModel:
+    """A version materialised as live torch objects.
+
+    `modules` maps a component name ("" for single-module families) to the nn.Module whose state-dict
+    keys, prefixed with "component/", are the registry's tensor names. `pipeline` is the native object
+    a user would hold (a diffusers pipeline, a transformers model, a Generator).
+    """
+
+    ref: str
+    family: str
+    pipeline: Any
+    modules: dict[str, torch.nn.Module]
+    tokenizer: Any = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        component, key = self.split(name)
+        return self.modules[component].state_dict()[key]
+
+    def split(self, name: str) -> tuple[str, str]:
+        head, sep, rest = name.partition("/")
+        if sep and head in self.modules:
+            return head, rest
+        if "" in self.modules:
+            return "", name
+        raise BadInput(f"{self.ref} has no tensor {name!r}")
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            (f"{component}/{key}" if component else key): value
+            for component, module in self.modules.items()
+            for key, value in module.state_dict().items()
+        }
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample for one seed: an image (uint8 HxWx3) or a text."""
+
+    seed: int
+    prompt: str | None
+    image: np.ndarray | None = None
+    text: str | None = None
+
+
+@runtime_checkable
+class Family(Protocol):
+    name: ClassVar[str]
+    takes_prompts: ClassVar[bool]  # diffusion and lm sample from prompts; a GAN does not
+    needs_prompt: ClassVar[bool]  # diffusion cannot sample without one
+
+    def load(self, registry: Registry, ref: str, device: str = "cpu") -> LoadedModel: ...
+
+    def sample(
+        self, model: LoadedModel, seeds: Sequence[int], prompt: str | None = None, **options: Any
+    ) -> list[Sample]:
+        """One sample per seed; the same version and seed always give the same bytes, and a seed means
+        the same starting latent/noise for every version of a model, so parent and child compare."""
+        ...
+
+    def editable_tensors(self, model: LoadedModel) -> list[str]:
+        """The registry tensor names that this family's editors may change."""
+        ...
+
+
+def families() -> dict[str, Family]:
+    """Every installed family adapter, found through the `modelzoo.families` entry points."""
+    return {ep.name: ep.load()() for ep in entry_points(group="modelzoo.families")}
+
+
+def get_family(name: str) -> Family:
+    found = families()
+    if name not in found:
+        raise BadInput(f"unknown model family {name!r}; installed: {', '.join(sorted(found))}")
+    return found[name]
