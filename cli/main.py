@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 import modelzoo
+from modelzoo.cli import sample
 from modelzoo.cli.output import byte_progress, console, emit, errors, human_bytes, table
 from modelzoo.registry.errors import BadInput, ZooError
 from modelzoo.registry.records import Diff, Lineage, VerifyReport, VersionInfo
@@ -222,6 +223,9 @@ def alias_history(target: Annotated[str, typer.Argument(help="NAME@ALIAS")], as_
     emit(events, as_json, lambda es: table(
         f"{target} history", ["at", "points to"], [[e.at.isoformat(timespec="seconds"), e.ref] for e in es]
     ))
+
+
+sample.register(app)
 
 
 def run(argv: list[str] | None = None) -> Any:

@@ -7,11 +7,12 @@ import json
 import os
 import shutil
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from modelzoo.registry.errors import BadInput
+from modelzoo.registry.errors import BadInput, Corrupted
 from modelzoo.registry.formats import split_tensor_name
 from modelzoo.registry.lineage import lineage
 from modelzoo.registry.records import VersionInfo
@@ -29,7 +30,12 @@ def export_version(registry: Registry, ref: str, out: Path, progress: Progress |
     info = registry.info(ref)
     weight_files: dict[str, str] = info.config.get("weight_files", {"": "model.safetensors"})
     files = registry.load_files(ref)
-    tensors = registry.load_tensors(ref)
+    # Hashes are checked on a second thread while the main one writes; the folder is only renamed into
+    # place once every blob has proved intact.
+    tensors = registry.load_tensors(ref, verify=False)
+    manifest = registry.manifest(ref)
+    checker = ThreadPoolExecutor(max_workers=1)
+    checks = [checker.submit(registry.blobs.check, b.sha256, b.kind, b.location) for b in manifest.values()]
 
     by_file: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
@@ -55,12 +61,17 @@ def export_version(registry: Registry, ref: str, out: Path, progress: Progress |
             if progress:
                 progress(done, total)
         _write(staging / CARD, model_card(registry, info, files.get(CARD)).encode())
+        problems = [p for p in (c.result() for c in checks) if p is not None]
+        if problems:
+            raise Corrupted(f"{ref} has damaged blobs ({problems[0]}); run `zoo verify`")
         if out.exists():
             out.rmdir()
         os.replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        checker.shutdown(cancel_futures=True)
     return out
 
 

@@ -86,6 +86,10 @@ def read_source(path: Path, family: str | None = None, config_path: Path | None 
             return _read_single_file(path, family, config_path)
         if path.suffix in PICKLE_SUFFIXES:
             return _read_single_file(path, family, config_path)
+        if path.suffix == ".gguf":
+            from modelzoo.registry.families.gguf import read_gguf  # imports this module; loaded on demand
+
+            return read_gguf(path, family)
         raise BadInput(f"{path} is not a safetensors file, diffusers or transformers directory")
     if (path / "model_index.json").is_file():
         return _read_diffusers(path, family)

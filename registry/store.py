@@ -13,6 +13,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import version as package_version
 from typing import Any
@@ -46,6 +47,7 @@ Progress = Callable[[int, int], None]
 EntryKey = tuple[str, str]  # (kind, name): kind is "tensor" or "file"
 Staged = dict[EntryKey, StoredBlob]
 WRITE_ATTEMPTS = 20
+STAGING_THREADS = 2
 # Commits take this PostgreSQL advisory lock shared and gc takes it exclusively, so gc never deletes
 # a blob file that a commit in flight has just found already present.
 GC_LOCK_KEY = 7350002
@@ -88,6 +90,14 @@ def _is_retryable(error: Exception) -> bool:
     return False
 
 
+def is_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf anywhere. A finite sum proves it (NaN and Inf propagate through a sum) at memory
+    speed; only when the sum is not finite (a real NaN, or a float overflow) is every element checked."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 class Registry:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -104,23 +114,41 @@ class Registry:
         progress: Progress | None = None,
         total_bytes: int = 0,
     ) -> Staged:
-        """Write each tensor's blob (deduplicated) and return the manifest entries for them."""
+        """Write each tensor's blob (deduplicated) and return the manifest entries for them.
+
+        Two threads overlap one tensor's hashing with another's write and fsync (hashlib, file I/O and
+        torch all release the GIL). On any failure the blobs written so far are removed again.
+        """
+
+        def stage_one(name: str, tensor: torch.Tensor) -> StoredBlob:
+            if not allow_nonfinite and not is_finite(tensor):
+                raise BadInput(f"tensor {name!r} holds NaN or Inf values; pass --allow-nonfinite to keep them")
+            return self.blobs.put_tensor(tensor)
+
+        futures: dict[EntryKey, Future[StoredBlob]] = {}
         staged: Staged = {}
-        done = 0
-        try:
-            for name, tensor in tensors:
-                if not name or ("tensor", name) in staged:
-                    raise BadInput(f"tensor name {name!r} is empty or appears twice")
-                if not allow_nonfinite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                    raise BadInput(f"tensor {name!r} holds NaN or Inf values; pass --allow-nonfinite to keep them")
-                blob = self.blobs.put_tensor(tensor)
-                staged[("tensor", name)] = blob
-                done += blob.nbytes
+        error: BaseException | None = None
+        with ThreadPoolExecutor(max_workers=STAGING_THREADS) as pool:
+            try:
+                for name, tensor in tensors:
+                    if not name or ("tensor", name) in futures:
+                        raise BadInput(f"tensor name {name!r} is empty or appears twice")
+                    futures[("tensor", name)] = pool.submit(stage_one, name, tensor)
+            except BaseException as e:
+                error = e
+            done = 0
+            for key, future in futures.items():
+                try:
+                    staged[key] = future.result()
+                except BaseException as e:  # keep collecting: every written blob must be discarded
+                    error = error or e
+                    continue
+                done += staged[key].nbytes
                 if progress:
                     progress(done, total_bytes)
-        except BaseException:
+        if error is not None:
             self.discard(staged)
-            raise
+            raise error
         return staged
 
     def discard(self, staged: Staged) -> None:
