@@ -8,16 +8,19 @@ from typing import Any
 
 import torch
 
-from modelzoo.registry import integrity
+from modelzoo.registry import integrity, queries
 from modelzoo.registry import lineage as lineage_queries
 from modelzoo.registry.exporter import export_version
 from modelzoo.registry.importer import import_path
+from modelzoo.registry.queries import ListFilter
 from modelzoo.registry.records import (
     AliasEvent,
     Diff,
+    FindHit,
     GcReport,
     Lineage,
     ModelSummary,
+    StoreStats,
     VerifyReport,
     VersionInfo,
 )
@@ -44,11 +47,10 @@ class Zoo:
         allow_nonfinite: bool = False,
         progress: Progress | None = None,
     ) -> VersionInfo:
-        parents = [(base, relation, {"declared": True})] if base else []
         return import_path(
             self.registry, Path(path), name, family=family, config_path=Path(config) if config else None,
-            tags=dict(tags or {}), parents=parents, description=description, allow_nonfinite=allow_nonfinite,
-            progress=progress,
+            tags=dict(tags or {}), base=base, relation=relation, description=description,
+            allow_nonfinite=allow_nonfinite, progress=progress,
         )
 
     def get(self, ref: str) -> VersionInfo:
@@ -57,8 +59,14 @@ class Zoo:
     def versions(self, model: str) -> list[VersionInfo]:
         return self.registry.versions(model)
 
-    def list(self) -> list[ModelSummary]:
-        return self.registry.list_models()
+    def list(self, filters: ListFilter | None = None) -> list[ModelSummary]:
+        return queries.list_models(self.registry, filters)
+
+    def find(self, sha_prefix: str) -> list[FindHit]:
+        return queries.find(self.registry, sha_prefix)
+
+    def stats(self) -> StoreStats:
+        return queries.stats(self.registry)
 
     def tensors(self, ref: str, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         return self.registry.load_tensors(ref, names)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,8 +12,9 @@ import typer
 import modelzoo
 from modelzoo.cli import sample
 from modelzoo.cli.output import byte_progress, console, emit, errors, human_bytes, table
-from modelzoo.registry.errors import BadInput, ZooError
-from modelzoo.registry.records import Diff, Lineage, VerifyReport, VersionInfo
+from modelzoo.registry.errors import BadInput, NotFound, ZooError
+from modelzoo.registry.queries import ListFilter
+from modelzoo.registry.records import Diff, Lineage, VerifyReport, VersionInfo, to_json
 
 app = typer.Typer(
     name="zoo", help="A registry for generative and language models.", no_args_is_help=True,
@@ -68,7 +70,7 @@ def import_(
     family: Annotated[str | None, typer.Option(help="diffusion | lm | gan (inferred when possible).")] = None,
     config: Annotated[Path | None, typer.Option(help="JSON config for a single weights file.")] = None,
     tag: Annotated[list[str] | None, typer.Option(help="key=value label (repeatable).")] = None,
-    base: Annotated[str | None, typer.Option(help="Version this model was derived from elsewhere.")] = None,
+    base: Annotated[str | None, typer.Option(help="Parent version (REF), or 'auto' for the best match.")] = None,
     relation: Annotated[str, typer.Option(help="Relation to --base.")] = "finetune",
     description: str = "",
     allow_nonfinite: Annotated[bool, typer.Option(help="Keep tensors holding NaN/Inf.")] = False,
@@ -81,21 +83,75 @@ def import_(
             path, name, family=family, config=config, tags=tags, base=base, relation=relation,
             description=description, allow_nonfinite=allow_nonfinite, progress=progress,
         )
-    emit(info, as_json, lambda i: console.print(
+    emit(info, as_json, _render_import)
+
+
+def _render_import(i: VersionInfo) -> None:
+    console.print(
         f"registered [bold]{i.ref}[/] ({i.family}, {i.tensor_count} tensors, {human_bytes(i.logical_bytes)}, "
-        f"{human_bytes(i.added_bytes)} new on disk). Next: `zoo show {i.ref}`"
-    ))
+        f"{human_bytes(i.added_bytes)} new on disk)"
+    )
+    for r in i.source.get("related", []):
+        console.print(f"  shares {r['fraction']:.0%} of its tensor bytes with {r['ref']}")
+    for p in i.parents:
+        console.print(f"  parent: {p.ref} ({p.relation})")
+    console.print(f"Next: `zoo show {i.ref}`")
 
 
 @app.command("list")
-def list_(as_json: JsonFlag = False) -> None:
-    """List models with their latest version."""
-    models = State.zoo().list()
+def list_(
+    family: Annotated[str | None, typer.Option(help="Only this family.")] = None,
+    tag: Annotated[list[str] | None, typer.Option(help="key=value (repeatable; all must match).")] = None,
+    method: Annotated[str | None, typer.Option(help="Versions made by this method (import, uce, ...).")] = None,
+    since: Annotated[str | None, typer.Option(help="Versions created on or after this ISO date.")] = None,
+    descendant_of: Annotated[str | None, typer.Option(help="Versions derived from REF at any depth.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """List models with their latest version; filters compose in one query."""
+    try:
+        since_date = datetime.fromisoformat(since) if since else None
+    except ValueError:
+        raise BadInput(f"invalid date {since!r}: use ISO format, e.g. 2026-11-25") from None
+    if since_date is not None and since_date.tzinfo is None:
+        since_date = since_date.replace(tzinfo=UTC)
+    flt = ListFilter(family, parse_pairs(tag), method, since_date, descendant_of)
+    models = State.zoo().list(flt)
     emit(models, as_json, lambda ms: table(
-        None, ["name", "family", "latest", "versions", "tags", "description"],
-        [[m.name, m.family, m.latest, m.versions, ", ".join(f"{k}={v}" for k, v in m.tags.items()),
-          m.description] for m in ms],
-    ) if ms else console.print("no models yet: `zoo import PATH --name NAME` or `zoo demo`"))
+        None, ["name", "family", "latest", "versions", "matching", "tags", "description"],
+        [[m.name, m.family, m.latest, m.versions, _numbers(m.matching_versions),
+          ", ".join(f"{k}={v}" for k, v in m.tags.items()), m.description] for m in ms],
+    ) if ms else console.print("no models match" if flt != ListFilter() else
+                               "no models yet: `zoo import PATH --name NAME` or `zoo demo`"))
+
+
+def _numbers(numbers: list[int]) -> str:
+    shown = ", ".join(map(str, numbers[:8]))
+    return shown + (f", ... ({len(numbers)})" if len(numbers) > 8 else "")
+
+
+@app.command()
+def find(sha256: Annotated[str, typer.Argument(help="A sha256 or a prefix of at least 6 hex digits.")],
+         as_json: JsonFlag = False) -> None:
+    """Every version holding a tensor or file with this hash (or whose manifest has it)."""
+    hits = State.zoo().find(sha256)
+    if not hits:
+        raise NotFound(f"no tensor, file or manifest in the registry has a hash starting {sha256}")
+    emit(hits, as_json, lambda hs: table(
+        None, ["version", "kind", "name", "sha256"], [[h.ref, h.kind, h.name, h.sha256] for h in hs]
+    ))
+
+
+@app.command()
+def stats(as_json: JsonFlag = False) -> None:
+    """What the store really holds against the sum of every version's size."""
+    s = State.zoo().stats()
+    record = {**to_json(s), "dedup_ratio": round(s.dedup_ratio, 3)}
+    emit(record, as_json, lambda r: table(None, ["", ""], [
+        ["models", r["models"]], ["live versions", r["versions"]], ["blobs", r["blobs"]],
+        ["logical size (all versions)", human_bytes(r["logical_bytes"])],
+        ["stored (deduplicated)", human_bytes(r["stored_bytes"])], ["on disk", human_bytes(r["disk_bytes"])],
+        ["deduplication", f"{r['dedup_ratio']}x"],
+    ]))
 
 
 def _render_version(i: VersionInfo) -> None:

@@ -1,14 +1,15 @@
 """`zoo sample REF`: one sample per seed S, S+1, ..., S+N-1, written as `<seed>.png` or JSON lines.
 
-Bad input writes nothing. What the flags alone decide (--n, seeds, --out or --grid that cannot be
-written, a prompt the family refuses or lacks, a family with no installed adapter) is refused before a
-model is loaded. Whether a family draws images or text shows in its samples, so output is created only
-after the first batch has been drawn and checked: --grid for text, or an option the family does not
-take (e.g. --steps for a GAN), still leaves no file behind.
+Bad input writes nothing. What the flags decide (--n, seeds, --out or --grid that cannot be written, a
+prompt the family refuses or lacks, an option its `sample` has no parameter for, a family with no
+installed adapter) is refused before a model is loaded. Whether a family draws images or text shows in
+its samples, so output is created only after the first sample has been drawn and checked: --grid for
+text, or an option a family refuses itself (a GAN's `**options`), still leaves no file behind.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import sys
@@ -51,9 +52,7 @@ def _check_creatable(path: Path, what: str) -> None:
         raise BadInput(f"{what} {path}: {existing} exists and is not a folder")
 
 
-def check_request(
-    seed: int, n: int, steps: int | None, batch_size: int, out: Path | None, grid: Path | None
-) -> list[int]:
+def check_request(seed: int, n: int, steps: int | None, out: Path | None, grid: Path | None) -> list[int]:
     """The seeds to draw, after refusing every flag that cannot work; nothing is read or written."""
     if n < 1:
         raise BadInput(f"--n must be at least 1, got {n}")
@@ -61,8 +60,6 @@ def check_request(
         raise BadInput(f"seeds must lie in [0, 2**32): --seed {seed} --n {n} does not")
     if steps is not None and steps < 1:
         raise BadInput(f"--steps must be at least 1, got {steps}")
-    if batch_size < 1:
-        raise BadInput(f"--batch-size must be at least 1, got {batch_size}")
     if out is not None:
         _check_creatable(out, "--out")
     if grid is not None:
@@ -74,11 +71,17 @@ def check_request(
     return list(range(seed, seed + n))
 
 
-def check_prompt(family: Family, info: VersionInfo, prompt: str | None) -> None:
+def check_family_accepts(family: Family, info: VersionInfo, prompt: str | None, options: dict[str, Any]) -> None:
+    """The prompt rules, and that `family.sample` has a parameter for every option, checked by its signature."""
     if prompt is not None and not family.takes_prompts:
         raise BadInput(f"{info.ref} is a {info.family} model: it samples from seeds alone; drop --prompt")
     if prompt is None and family.needs_prompt:
         raise BadInput(f"{info.ref} is a {info.family} model: it needs --prompt TEXT to sample")
+    try:
+        inspect.signature(family.sample).bind(None, [], prompt, **options)
+    except TypeError:
+        flags = " ".join(f"--{name}" for name in options)
+        raise BadInput(f"{info.ref} is a {info.family} model and takes no {flags}") from None
 
 
 def contact_sheet(images: Sequence[np.ndarray]) -> Image.Image:
@@ -95,7 +98,7 @@ def contact_sheet(images: Sequence[np.ndarray]) -> Image.Image:
 
 @dataclass
 class SampleWriter:
-    """Where samples go, chosen from the first batch: `<seed>.png` files (and a grid), or JSON lines.
+    """Where samples go, chosen from the first sample: `<seed>.png` files (and a grid), or JSON lines.
 
     Images without --out go to ./samples/NAME-vN; text without --out goes to stdout.
     """
@@ -189,7 +192,6 @@ def sample(
     out: Annotated[Path | None, typer.Option(help="Folder for <seed>.png or samples.jsonl.")] = None,
     grid: Annotated[Path | None, typer.Option(help="Also write a contact sheet of the images (PNG).")] = None,
     steps: Annotated[int | None, typer.Option(help="Denoising steps (diffusion models).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Seeds per call into the model.")] = 4,
     device: Annotated[str, typer.Option(help="torch device to sample on, e.g. cuda.")] = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
@@ -197,18 +199,18 @@ def sample(
     # Imported here, not at the top: main imports this module to register the command.
     from modelzoo.cli.main import State
 
-    seeds = check_request(seed, n, steps, batch_size, out, grid)
+    seeds = check_request(seed, n, steps, out, grid)
+    options: dict[str, Any] = {} if steps is None else {"steps": steps}
     zoo = State.zoo()
     info = zoo.get(ref)
     family = get_family(info.family)
-    check_prompt(family, info, prompt)
+    check_family_accepts(family, info, prompt, options)
     model = family.load(zoo.registry, info.ref, device)
-    options: dict[str, Any] = {} if steps is None else {"steps": steps}
-    batches = [seeds[i : i + batch_size] for i in range(0, len(seeds), batch_size)]
     writer: SampleWriter | None = None
     with count_progress(f"sampling {info.ref}", len(seeds), quiet=as_json) as advance:
-        for batch in batches:
-            samples = family.sample(model, batch, prompt, **options)
+        # One seed per call: progress per sample, and a sample never depends on its batch.
+        for s in seeds:
+            samples = family.sample(model, [s], prompt, **options)
             if writer is None:
                 writer = SampleWriter.open(samples, info, out, grid)
             writer.add(samples)

@@ -1,14 +1,28 @@
-"""`zoo import`: read a model from disk and register it as a version."""
+"""`zoo import`: read a model from disk and register it as a version.
+
+Every import reports the registered versions that share the most tensor bytes with it (kept in its
+provenance). A parent can be declared (`base`), taken from the model card's `base_model` when that names a
+registered model, or detected (`base="auto"`: the best match, if it shares at least half the bytes).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
 
 from modelzoo.registry.formats import ImportSource, read_source
-from modelzoo.registry.records import VersionInfo
+from modelzoo.registry.queries import related_versions
+from modelzoo.registry.records import Related, VersionInfo
 from modelzoo.registry.refs import check_model_name
-from modelzoo.registry.store import NewVersion, Progress, Registry
+from modelzoo.registry.schema import Model
+from modelzoo.registry.store import NewVersion, Progress, Registry, Staged
+
+AUTO_BASE = "auto"
+AUTO_BASE_MIN_FRACTION = 0.5
 
 
 def import_path(
@@ -19,7 +33,8 @@ def import_path(
     family: str | None = None,
     config_path: Path | None = None,
     tags: dict[str, str] | None = None,
-    parents: list[tuple[str, str, dict]] | None = None,
+    base: str | None = None,
+    relation: str = "finetune",
     description: str = "",
     allow_nonfinite: bool = False,
     progress: Progress | None = None,
@@ -27,7 +42,7 @@ def import_path(
     check_model_name(name)
     source = read_source(path, family=family, config_path=config_path)
     return register_source(
-        registry, source, name, tags=tags, parents=parents, description=description,
+        registry, source, name, tags=tags, base=base, relation=relation, description=description,
         allow_nonfinite=allow_nonfinite, progress=progress,
     )
 
@@ -38,10 +53,11 @@ def register_source(
     name: str,
     *,
     method: str = "import",
-    params: dict | None = None,
-    metrics: dict | None = None,
+    params: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
     tags: dict[str, str] | None = None,
-    parents: list[tuple[str, str, dict]] | None = None,
+    base: str | None = None,
+    relation: str = "finetune",
     description: str = "",
     allow_nonfinite: bool = False,
     progress: Progress | None = None,
@@ -50,13 +66,15 @@ def register_source(
     started = time.perf_counter()
     total = source.total_bytes
 
-    def stage():  # type: ignore[no-untyped-def]
+    def stage() -> Staged:
         staged = registry.stage_tensors(source.tensors(), allow_nonfinite, progress, total)
         staged.update(registry.stage_files(source.files))
         return staged
 
     staged = stage()
     try:
+        related = related_versions(registry, {b.sha256: b.nbytes for (k, _), b in staged.items() if k == "tensor"})
+        parents = _parents(registry, source, base, relation, related)
         spec = NewVersion(
             model=name,
             family=source.family,
@@ -64,13 +82,32 @@ def register_source(
             method=method,
             params=params or {},
             metrics=metrics or {},
-            source=source.source_record(),
+            source={**source.source_record(), "related": [dataclasses.asdict(r) for r in related]},
             duration_s=time.perf_counter() - started,
             description=description,
             model_tags=tags or {},
-            parents=parents or [],
+            parents=parents,
         )
         return registry.create_version(spec, staged, restage=stage)
     except BaseException:
         registry.discard(staged)
         raise
+
+
+def _parents(
+    registry: Registry, source: ImportSource, base: str | None, relation: str, related: list[Related]
+) -> list[tuple[str, str, dict[str, Any]]]:
+    if base == AUTO_BASE:
+        best = related[0] if related else None
+        if best is None or best.fraction < AUTO_BASE_MIN_FRACTION:
+            return []
+        evidence = {"detected": True, "shared_bytes": best.shared_bytes, "fraction": round(best.fraction, 4)}
+        return [(best.ref, relation, evidence)]
+    if base:
+        return [(base, relation, {"declared": True})]
+    if source.base_model:
+        with registry.db.read() as session:
+            known = session.scalar(select(Model.name).where(Model.name == source.base_model.split("/")[-1]))
+        if known:
+            return [(f"{known}@latest", relation, {"model_card_base_model": source.base_model})]
+    return []

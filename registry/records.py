@@ -11,7 +11,7 @@ def to_json(record: Any) -> Any:
     """A record (or list of records) as JSON-ready data."""
     if isinstance(record, list):
         return [to_json(r) for r in record]
-    data = asdict(record)
+    data = record if isinstance(record, dict) else asdict(record)
     return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in data.items()}
 
 
@@ -56,6 +56,38 @@ class ModelSummary:
     versions: int
     tags: dict[str, str]
     created_at: datetime
+    matching_versions: list[int]  # the versions that satisfied the filters (all live ones without filters)
+
+
+@dataclass(frozen=True)
+class Related:
+    """A registered version that shares tensor bytes with another, and how much."""
+
+    ref: str
+    shared_bytes: int
+    fraction: float  # of the other version's logical bytes
+
+
+@dataclass(frozen=True)
+class FindHit:
+    sha256: str
+    kind: str  # "tensor" | "file" | "manifest"
+    name: str  # tensor name or file path ("" for a manifest hash)
+    ref: str
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    models: int
+    versions: int
+    blobs: int
+    stored_bytes: int  # each distinct blob once
+    logical_bytes: int  # the sum of every live version's full size
+    disk_bytes: int  # what the blob files take on disk, headers included
+
+    @property
+    def dedup_ratio(self) -> float:
+        return self.logical_bytes / self.stored_bytes if self.stored_bytes else 1.0
 
 
 @dataclass(frozen=True)

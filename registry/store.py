@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,7 +28,7 @@ from sqlalchemy.orm import Session
 from modelzoo.registry.blobs import BlobStore, LocalDirectoryBackend, StoredBlob
 from modelzoo.registry.db import Database
 from modelzoo.registry.errors import BadInput, NotFound
-from modelzoo.registry.records import AliasEvent, ModelSummary, ParentInfo, VersionInfo
+from modelzoo.registry.records import AliasEvent, ParentInfo, VersionInfo
 from modelzoo.registry.refs import check_alias_name, check_model_name, ref_of, resolve
 from modelzoo.registry.schema import (
     Alias,
@@ -48,6 +49,8 @@ EntryKey = tuple[str, str]  # (kind, name): kind is "tensor" or "file"
 Staged = dict[EntryKey, StoredBlob]
 WRITE_ATTEMPTS = 20
 STAGING_THREADS = 2
+# import, train, finetune, edit, merge, compose, quantize, distill; plugins may add their own
+RELATION_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 # Commits take this PostgreSQL advisory lock shared and gc takes it exclusively, so gc never deletes
 # a blob file that a commit in flight has just found already present.
 GC_LOCK_KEY = 7350002
@@ -176,6 +179,9 @@ class Registry:
         `restage` writes the blobs again if a concurrent gc removed one that staging found present.
         """
         check_model_name(spec.model)
+        for _, relation, _ in spec.parents:
+            if not RELATION_PATTERN.match(relation):
+                raise BadInput(f"invalid relation {relation!r}: lower-case letters, digits, '-' or '_'")
         for attempt in range(WRITE_ATTEMPTS):
             try:
                 self.blobs.sync()
@@ -423,26 +429,6 @@ class Registry:
             for (kind, name), blob in sorted(self.manifest(ref).items())
             if kind == "file"
         }
-
-    def list_models(self) -> list[ModelSummary]:
-        with self.db.read() as session:
-            latest = (
-                select(Version.model_id, func.max(Version.number).label("latest"), func.count().label("n"))
-                .where(Version.status == "ready")
-                .group_by(Version.model_id)
-                .subquery()
-            )
-            rows = session.execute(
-                select(Model, latest.c.latest, latest.c.n).outerjoin(latest, latest.c.model_id == Model.id)
-                .order_by(Model.name)
-            ).all()
-            tags: dict[int, dict[str, str]] = {}
-            for t in session.scalars(select(Tag).where(Tag.version_id.is_(None))):
-                tags.setdefault(t.model_id, {})[t.key] = t.value
-            return [
-                ModelSummary(m.name, m.family, m.description, latest, n or 0, tags.get(m.id, {}), m.created_at)
-                for m, latest, n in rows
-            ]
 
     # ---- labels --------------------------------------------------------------------------------
 

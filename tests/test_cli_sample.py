@@ -175,19 +175,24 @@ def test_diffusion_without_a_prompt_is_refused(capsys, sd_home, tmp_path):
 
 
 def test_lm_prints_one_json_line_per_seed_or_writes_them_to_out(capsys, lm_home, tmp_path):
-    r = zoo_cli(capsys, lm_home, "sample", "gpt2", "--prompt", "hello", "--seed", "4", "--n", "2")
+    prompt = "5 17 3"  # the tiny GPT-2 has no tokenizer, so it speaks token ids
+    r = zoo_cli(capsys, lm_home, "sample", "gpt2", "--prompt", prompt, "--seed", "4", "--n", "2")
     assert r.code == 0, r.err
     lines = [json.loads(line) for line in r.out.splitlines()]
-    assert [(d["seed"], d["prompt"]) for d in lines] == [(4, "hello"), (5, "hello")]
-    assert all(isinstance(d["text"], str) for d in lines)
+    assert [(d["seed"], d["prompt"]) for d in lines] == [(4, prompt), (5, prompt)]
+    assert all(isinstance(d["text"], str) and d["text"] for d in lines)
     out = tmp_path / "out"
-    r = zoo_cli(capsys, lm_home, "sample", "gpt2", "--prompt", "hello", "--seed", "4", "--n", "2", "--out", str(out))
+    r = zoo_cli(capsys, lm_home, "sample", "gpt2", "--prompt", prompt, "--seed", "4", "--n", "2", "--out", str(out))
     assert r.code == 0, r.err
     assert [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()] == lines
 
 
-def test_lm_with_a_grid_is_refused(capsys, lm_home, tmp_path):
-    out = tmp_path / "out"
-    _assert_refused(capsys, lm_home, ["gpt2", "--prompt", "hi", "--out", str(out), "--grid", str(tmp_path / "g.png")],
-                    out, "--grid needs an image model")
-    assert not out.exists() and not (tmp_path / "g.png").exists()
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--grid", "GRID"], "--grid needs an image model"), (["--steps", "3"], "takes no --steps")],
+)
+def test_lm_with_a_grid_or_steps_is_refused(capsys, lm_home, tmp_path, args, message):
+    out, grid = tmp_path / "out", tmp_path / "g.png"
+    args = [str(grid) if a == "GRID" else a for a in args]
+    _assert_refused(capsys, lm_home, ["gpt2", "--prompt", "1 2", "--out", str(out), *args], out, message)
+    assert not out.exists() and not grid.exists()

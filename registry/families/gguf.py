@@ -73,13 +73,15 @@ def describe_gguf(path: Path) -> dict[str, Any]:
 
 def dequantize_to_folder(path: Path, out: Path) -> None:
     """Load the GGUF with transformers (model and tokenizer) and save them as a transformers folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
     from transformers.utils import logging as transformers_logging
 
     with without_progress_bars(transformers_logging):
         try:
+            # dequantize=True: plain float weights and no quantizer left attached, so the model saves
             model = AutoModelForCausalLM.from_pretrained(
-                path.parent, gguf_file=path.name, dtype=DEQUANTIZED_DTYPE, local_files_only=True
+                path.parent, gguf_file=path.name, dtype=DEQUANTIZED_DTYPE, local_files_only=True,
+                quantization_config=GgufConfig(dequantize=True),
             )
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
         except (ValueError, KeyError, OSError, NotImplementedError) as e:
