@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.records import FindHit, ModelSummary, Related, StoreStats
-from modelzoo.registry.refs import resolve
+from modelzoo.registry.refs import hex_prefix, resolve
 from modelzoo.registry.schema import Blob, ManifestEntry, Model, Provenance, Tag, Version, VersionParent
 from modelzoo.registry.store import Registry
 
@@ -102,14 +102,14 @@ def find(registry: Registry, sha_prefix: str) -> list[FindHit]:
             .join(ManifestEntry, ManifestEntry.blob_sha256 == Blob.sha256)
             .join(Version, Version.id == ManifestEntry.version_id)
             .join(Model, Model.id == Version.model_id)
-            .where(Blob.sha256.startswith(prefix))
+            .where(hex_prefix(Blob.sha256, prefix))
             .order_by(Model.name, Version.number, ManifestEntry.name)
         )
         hits = [FindHit(sha, kind, name, f"{model}@{number}") for sha, kind, name, model, number in blob_rows]
         manifest_rows = session.execute(
             select(Version.manifest_hash, Model.name, Version.number)
             .join(Model, Model.id == Version.model_id)
-            .where(Version.manifest_hash.startswith(prefix))
+            .where(hex_prefix(Version.manifest_hash, prefix))
         )
         hits += [FindHit(sha, "manifest", "", f"{model}@{number}") for sha, model, number in manifest_rows]
     return hits

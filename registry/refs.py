@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, and_, func, select
 from sqlalchemy.orm import Session
 
 from modelzoo.registry.errors import BadInput, NotFound
@@ -76,13 +77,19 @@ def resolve(session: Session, ref: str, include_deleted: bool = False) -> Versio
 
 def _by_hash_prefix(session: Session, prefix: str) -> Version:
     matches = session.scalars(
-        select(Version).where(Version.manifest_hash.startswith(prefix)).limit(2)
+        select(Version).where(hex_prefix(Version.manifest_hash, prefix)).limit(2)
     ).all()
     if not matches:
         raise NotFound(f"no model or manifest hash matches {prefix!r}")
     if len(matches) > 1 and len({m.manifest_hash for m in matches}) > 1:
         raise BadInput(f"hash prefix {prefix!r} is ambiguous; give more characters")
     return matches[0]
+
+
+def hex_prefix(column: Any, prefix: str) -> ColumnElement[bool]:
+    """`column` starts with a lower-case hex `prefix`, as a range that both SQLite and PostgreSQL answer
+    from the column's index (SQLite's LIKE is case-insensitive and cannot use a plain index)."""
+    return and_(column >= prefix, column < prefix + "g")  # "g" sorts after every hex digit
 
 
 def ref_of(version: Version) -> str:

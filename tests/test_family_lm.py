@@ -237,10 +237,14 @@ def test_tiny_llama_round_trips_through_the_registry(zoo, tmp_path):
         (tiny_neox, ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
     ],
 )
-def test_gptj_and_gpt_neox_load_with_native_logits(zoo, tmp_path, build, projections):
+def test_gptj_and_gpt_neox_load_with_native_logits_and_checkpoint_names(zoo, tmp_path, build, projections):
     original = build()
     info = zoo.import_(_save(original, tmp_path / "model"), "model")
     model = _load(zoo, info.ref)
+    stored = zoo.tensors(info.ref)
+    # GPT-NeoX's checkpoints call the output head `embed_out`; transformers 5 renames it `lm_head` on load
+    assert set(model.named_tensors()) == set(stored)
+    assert all(torch.equal(model.tensor(name), tensor) for name, tensor in stored.items())
     ids = torch.tensor([[1, 5, 9, 40, 77, 3]])
     with torch.no_grad():
         assert torch.equal(model.pipeline(ids).logits, original(ids).logits)

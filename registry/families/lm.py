@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -66,13 +66,60 @@ def empty_parameters() -> Iterator[None]:
             nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
+def checkpoint_renames(model: nn.Module, names: Iterable[str], what: str) -> dict[str, str]:
+    """{checkpoint name: module key} for the tensors that transformers renames when it loads a checkpoint.
+
+    transformers 5 keeps some checkpoints' historical names and renames them on load and back on save
+    (GPT-NeoX's `embed_out.weight` is the module `lm_head`). Conversions beyond renaming (experts fused
+    into one tensor) would break the one-tensor-per-name contract and are refused.
+    """
+    from transformers import PreTrainedModel
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    if not isinstance(model, PreTrainedModel):
+        return {}
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    keys = model.state_dict()
+    renames = {}
+    for name in names:
+        key, converted = rename_source_key(name, renamings, converters, model.base_model_prefix, keys)
+        if converted is not None:
+            raise BadInput(f"{what}: transformers converts {name!r} on load ({converted}); only renames are supported")
+        if key != name:
+            renames[name] = key
+    return renames
+
+
+def speak_checkpoint_names(module: nn.Module, renames: Mapping[str, str]) -> None:
+    """Make `module.state_dict()` and `module.load_state_dict()` use checkpoint names for renamed tensors.
+
+    The registry's tensor names are the checkpoint's, and a `LoadedModel`'s modules must report them.
+    """
+    to_checkpoint = {key: name for name, key in renames.items()}
+
+    def rename(state_dict: dict[str, Any], prefix: str, names: Mapping[str, str]) -> None:
+        for old, new in names.items():
+            if prefix + old in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+
+    module.register_state_dict_post_hook(lambda _m, sd, prefix, _meta: rename(sd, prefix, to_checkpoint))
+    module.register_load_state_dict_pre_hook(lambda _m, sd, prefix, *_: rename(sd, prefix, renames))
+
+
 def assign_weights(module: nn.Module, tensors: Mapping[str, torch.Tensor], what: str) -> None:
     """Make `tensors` the module's parameters and buffers themselves (no copy), then tie shared weights.
 
     A transformers model ties what its config says is shared (an output embedding the checkpoint left
     out), exactly as `from_pretrained` does; anything else left empty means the version does not fit
-    its architecture.
+    its architecture. Tensors that transformers renames on load keep their checkpoint names in the
+    module's state dict (`speak_checkpoint_names`).
     """
+    renames = checkpoint_renames(module, tensors, what)
+    if renames:
+        speak_checkpoint_names(module, renames)
     result = module.load_state_dict(dict(tensors), strict=False, assign=True)
     if result.unexpected_keys:
         raise BadInput(f"{what} holds tensors its config's architecture has no place for: {result.unexpected_keys[:3]}")
