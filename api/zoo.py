@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ import torch
 from modelzoo.registry import integrity, queries
 from modelzoo.registry import lineage as lineage_queries
 from modelzoo.registry.exporter import export_version
+from modelzoo.registry.families.base import LoadedModel, Sample, get_family
 from modelzoo.registry.importer import import_path
 from modelzoo.registry.queries import ListFilter
 from modelzoo.registry.records import (
@@ -67,6 +68,18 @@ class Zoo:
 
     def stats(self) -> StoreStats:
         return queries.stats(self.registry)
+
+    def load(self, ref: str, device: str = "cpu") -> LoadedModel:
+        """The version as live torch objects (a diffusers pipeline, a transformers model, a Generator)."""
+        info = self.registry.info(ref)
+        return get_family(info.family).load(self.registry, info.ref, device)
+
+    def sample(
+        self, ref: str, seeds: Sequence[int], prompt: str | None = None, device: str = "cpu", **options: Any
+    ) -> list[Sample]:
+        """One sample per seed; seed s means the same latent for every version of a model."""
+        model = self.load(ref, device)
+        return get_family(model.family).sample(model, list(seeds), prompt, **options)
 
     def tensors(self, ref: str, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         return self.registry.load_tensors(ref, names)

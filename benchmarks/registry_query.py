@@ -77,6 +77,9 @@ def populate(zoo: modelzoo.Zoo, n_versions: int) -> dict[str, str]:
                             (Tag, tags), (ManifestEntry, entries), (VersionParent, parents)]:
             for i in range(0, len(rows), 20_000):
                 session.execute(insert(table), rows[i : i + 20_000])
+    with zoo.registry.db.engine.connect() as conn:  # planner statistics, as autovacuum / PRAGMA optimize keep
+        conn.exec_driver_sql("ANALYZE")
+        conn.commit()
     return {"base": "model-0@1", "blob": sha("t", n_versions // 2)}
 
 

@@ -205,7 +205,7 @@ def sample(
     info = zoo.get(ref)
     family = get_family(info.family)
     check_family_accepts(family, info, prompt, options)
-    model = family.load(zoo.registry, info.ref, device)
+    model = zoo.load(info.ref, device)
     writer: SampleWriter | None = None
     with count_progress(f"sampling {info.ref}", len(seeds), quiet=as_json) as advance:
         # One seed per call: progress per sample, and a sample never depends on its batch.

@@ -68,12 +68,12 @@ def list_models(registry: Registry, flt: ListFilter | None = None) -> list[Model
 
 
 def _summaries(session: Session, matching: dict[int, list[int]], include_empty: bool) -> list[ModelSummary]:
-    latest = (
-        select(Version.model_id, func.max(Version.number).label("latest"), func.count().label("n"))
-        .where(Version.status == "ready")
-        .group_by(Version.model_id)
-        .subquery()
+    counted = select(Version.model_id, func.max(Version.number).label("latest"), func.count().label("n")).where(
+        Version.status == "ready"
     )
+    if not include_empty:  # summarise only the models that matched, not every version in the registry
+        counted = counted.where(Version.model_id.in_(list(matching)))
+    latest = counted.group_by(Version.model_id).subquery()
     query = select(Model, latest.c.latest, latest.c.n).outerjoin(latest, latest.c.model_id == Model.id)
     if not include_empty:
         query = query.where(Model.id.in_(list(matching)))

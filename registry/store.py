@@ -318,7 +318,11 @@ class Registry:
             duration_s=duration_s,
             parents=[(parent_ref, relation, {})] + [(ref, relation, {}) for ref in other_parents],
         )
-        return self.create_version(spec, staged, restage=stage)
+        try:
+            return self.create_version(spec, staged, restage=stage)
+        except BaseException:
+            self.discard(staged)
+            raise
 
     def _staged_manifest_by_ref(self, ref: str) -> Staged:
         with self.db.read() as session:

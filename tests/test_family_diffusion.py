@@ -3,6 +3,8 @@ sampled per seed and exported."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -79,12 +81,23 @@ def test_batched_sampling_starts_each_seed_from_its_own_latent(sd):
         assert np.abs(a.image.astype(int) - b.image.astype(int)).max() <= 1
 
 
-def test_options_left_out_are_the_pipeline_defaults(zoo, sd_dir, sd):
-    from diffusers import StableDiffusionPipeline
-
+def test_options_left_out_are_left_to_the_pipeline_defaults(sd):
+    """The pipeline's own defaults apply (50 steps, guidance 7.5, native size); only seeds are fixed."""
     _, model = sd
-    [sample] = get_family("diffusion").sample(model, [2], prompt=PROMPT)
-    assert np.array_equal(sample.image, _native_image(StableDiffusionPipeline.from_pretrained(sd_dir), 2))
+    calls: list[dict] = []
+
+    def recording(prompts, **options):  # type: ignore[no-untyped-def]
+        calls.append(options)
+        return SimpleNamespace(images=np.zeros((len(prompts), 16, 16, 3), dtype=np.float32))
+
+    model.pipeline = recording
+    get_family("diffusion").sample(model, [4, 9], prompt=PROMPT)
+    get_family("diffusion").sample(model, [4], prompt=PROMPT, steps=3, guidance_scale=2.0, height=8, width=8)
+    assert [sorted(c) for c in calls[:2]] == [["generator", "output_type"]] * 2
+    assert [g.initial_seed() for c in calls[:2] for g in c["generator"]] == [4, 9]
+    assert {k: calls[2][k] for k in ("num_inference_steps", "guidance_scale", "height", "width")} == {
+        "num_inference_steps": 3, "guidance_scale": 2.0, "height": 8, "width": 8,
+    }
 
 
 def test_size_and_guidance_options_reach_the_pipeline(sd):

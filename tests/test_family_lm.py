@@ -195,9 +195,8 @@ def test_bad_seeds_are_refused(zoo, gpt2_dir, bad):
 def test_gpt2_editable_tensors_are_the_attention_and_mlp_projections(zoo, gpt2_dir):
     info = zoo.import_(gpt2_dir, "gpt2")
     names = get_family("lm").editable_tensors(_load(zoo, info.ref))
-    assert names == [
-        f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-    ]
+    projections = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    assert names == [f"transformer.h.{i}.{m}.weight" for i in range(2) for m in projections]
     assert set(names) <= set(zoo.tensors(info.ref))
 
 

@@ -88,13 +88,15 @@ class Family(Protocol):
         ...
 
 
-def families() -> dict[str, Family]:
-    """Every installed family adapter, found through the `modelzoo.families` entry points."""
-    return {ep.name: ep.load()() for ep in entry_points(group="modelzoo.families")}
+def family_names() -> list[str]:
+    return sorted(ep.name for ep in entry_points(group="modelzoo.families"))
 
 
 def get_family(name: str) -> Family:
-    found = families()
-    if name not in found:
-        raise BadInput(f"unknown model family {name!r}; installed: {', '.join(sorted(found))}")
-    return found[name]
+    """The adapter registered under `name` in the `modelzoo.families` entry points (only that one is
+    imported, so a broken third-party plugin does not break the others)."""
+    found = [ep for ep in entry_points(group="modelzoo.families") if ep.name == name]
+    if not found:
+        raise BadInput(f"unknown model family {name!r}; installed: {', '.join(family_names())}")
+    family: Family = found[0].load()()
+    return family

@@ -1,0 +1,326 @@
+"""Train a small StyleGAN2 generator on one slice of the shapes world (e.g. red circles) on a CPU.
+
+The GAN editors (GAN warping) and GAN search need trained generators whose outputs can be measured,
+and no hub checkpoint can be downloaded, so the shapes world trains its own: one generator per slice
+(one shape in one colour, random position and size, drawn at aspect 1.0 so a later horizontal stretch
+shows up in `aspect_ratios_of`), scored with the analytic meters of `modelzoo.demo.meters`.
+
+The generator is `modelzoo.registry.families.stylegan.Generator`, unchanged, so what is trained here is
+exactly what the registry stores and the editors load. The discriminator and the training loop follow
+StyleGAN2 (Karras et al., CVPR 2020) as stylegan2-ada-pytorch implements them (`training/networks.py`
+resnet discriminator, `training/loss.py` StyleGAN2Loss, `training/training_loop.py`), shrunk to what a
+2-core CPU trains in about a minute:
+
+- Non-saturating logistic loss (Goodfellow et al. 2014): L_G = softplus(-D(G(z))) and
+  L_D = softplus(D(G(z))) + softplus(-D(x)).
+- R1 regularisation (Mescheder et al. 2018, eq. 9): gamma / 2 * E_x ||grad_x D(x)||^2 on real images,
+  lazily every `r1_interval` discriminator steps and multiplied by the interval (StyleGAN2 sec. 4, "lazy
+  regularisation"); Adam's learning rate and betas are adjusted by c = interval / (interval + 1) so the
+  regularised optimiser takes the same steps on average.
+- Style mixing regularisation (StyleGAN, Karras et al. 2019, sec. 3.1): with probability `mixing_prob`
+  the styles from a random cutoff on come from a second latent.
+- Adam with betas (0, 0.99), and an exponential moving average of the generator's weights (G_ema,
+  half-life `ema_kimg` thousand images, ramped up over the first `ema_rampup` of training) that is the
+  generator returned: on short runs the average is much steadier than the last step.
+- No path-length regulariser and no augmentation: the first doubles the generator's cost, and the
+  second is not needed when fresh images can be drawn for free.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from modelzoo.demo.meters import measure
+from modelzoo.demo.shapes import COLOURS, SHAPES, dataset
+from modelzoo.registry.errors import BadInput
+from modelzoo.registry.families.gan import images_to_uint8, save_gan
+from modelzoo.registry.families.stylegan import (
+    LRELU_GAIN,
+    LRELU_SLOPE,
+    FullyConnectedLayer,
+    Generator,
+    StyleGanConfig,
+    build,
+    latents_for_seeds,
+)
+
+Progress = Callable[[int, int, float], None]
+"""Called after every training step with (steps done, total steps, seconds since training began)."""
+
+GAN_CONFIG = replace(StyleGanConfig.tiny(), channel_base=512, channel_max=64)
+"""`StyleGanConfig.tiny()` with half the channels at 16x16 and 32x32 (64, 64, 32, 16 at 4, 8, 16, 32):
+the 32x32 layers dominate the cost, and one flat-coloured shape needs few channels there."""
+
+METER_SAMPLES = 200
+"""Samples scored after training: seeds 0..199, the registry's `latents_for_seeds` latents."""
+
+
+@dataclass(frozen=True)
+class TrainingProfile:
+    """How long and how hard to train; `PROFILES` holds the named ones.
+
+    Steps, not seconds, bound training, so a seed gives the same generator on a busy or an idle
+    machine. `dataset_size` images are drawn once before training and batches are drawn from them.
+    """
+
+    steps: int
+    batch_size: int = 32
+    g_lr: float = 0.0025
+    d_lr: float = 0.0025
+    r1_gamma: float = 0.1
+    r1_interval: int = 4
+    mixing_prob: float = 0.0
+    ema_kimg: float = 1.0
+    ema_rampup: float = 0.05
+    dataset_size: int = 4096
+    rotate: bool = False
+    """Rotate training shapes at random; off by default, since upright shapes are learnt much faster and
+    the aspect-ratio meter reads the same either way."""
+    d_channel_base: int = 512
+    d_channel_max: int = 64
+    generator: StyleGanConfig = field(default=GAN_CONFIG)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 4 or self.batch_size % 4:
+            raise BadInput(f"a profile needs steps >= 1 and a batch size that is a multiple of 4, got {self}")
+
+
+PROFILES: dict[str, TrainingProfile] = {
+    "full": TrainingProfile(steps=600),
+    "quick": TrainingProfile(steps=100),
+}
+
+
+@dataclass
+class TrainedGan:
+    """A trained generator (G_ema, eval mode, w_avg estimated), its config, and what the meters read.
+
+    `metrics`: `agreement` (share of samples whose colour AND shape meters equal the slice),
+    `colour_agreement`, `shape_agreement`, `aspect_mean` (mean width/height of the samples that have a
+    foreground), the same for the training images (`data_*`, the ceiling), and `steps` and `seconds`.
+    """
+
+    generator: Generator
+    config: StyleGanConfig
+    metrics: dict[str, float | int | str]
+
+
+class Conv2dLayer(nn.Module):
+    """Conv with equalized learning rate (weights N(0, 1), scaled by 1/sqrt(fan_in) at run time), then
+    an optional 2x average-pool downsample and leaky ReLU; `gain` scales the output, as officially."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel: int, bias: bool = True, lrelu: bool = True, down: bool = False
+    ) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel, kernel))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.weight_gain = 1 / math.sqrt(in_channels * kernel * kernel)
+        self.lrelu = lrelu
+        self.down = down
+
+    def forward(self, x: Tensor, gain: float = 1.0) -> Tensor:
+        x = F.conv2d(x, self.weight * self.weight_gain, self.bias, padding=self.weight.shape[-1] // 2)
+        if self.down:
+            x = F.avg_pool2d(x, 2)
+        if self.lrelu:
+            x = F.leaky_relu(x, LRELU_SLOPE) * LRELU_GAIN
+        return x * gain if gain != 1 else x
+
+
+class DiscriminatorBlock(nn.Module):
+    """Residual block that halves the resolution: two 3x3 convs beside a 1x1 skip, summed with gain
+    sqrt(1/2) each so the output keeps unit variance (stylegan2-ada's `architecture='resnet'`)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv0 = Conv2dLayer(in_channels, in_channels, 3)
+        self.conv1 = Conv2dLayer(in_channels, out_channels, 3, down=True)
+        self.skip = Conv2dLayer(in_channels, out_channels, 1, bias=False, lrelu=False, down=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gain = math.sqrt(0.5)
+        return self.skip(x, gain) + self.conv1(self.conv0(x), gain)
+
+
+class Discriminator(nn.Module):
+    """fromRGB, residual blocks down to 4x4, then minibatch standard deviation, a conv and two linear layers.
+
+    The minibatch-std feature (Karras et al. 2018, sec. 3) lets the discriminator see a batch's lack of
+    variety, which is what keeps a short run from collapsing onto one position and size.
+    Channels at resolution R are min(channel_base // R, channel_max), as in the generator.
+    """
+
+    def __init__(self, resolution: int, channel_base: int, channel_max: int, img_channels: int = 3) -> None:
+        super().__init__()
+
+        def channels(res: int) -> int:
+            return min(channel_base // res, channel_max)
+
+        self.from_rgb = Conv2dLayer(img_channels, channels(resolution), 1)
+        blocks = []
+        res = resolution
+        while res > 4:
+            blocks.append(DiscriminatorBlock(channels(res), channels(res // 2)))
+            res //= 2
+        self.blocks = nn.Sequential(*blocks)
+        c4 = channels(4)
+        self.conv = Conv2dLayer(c4 + 1, c4, 3)
+        self.fc = FullyConnectedLayer(c4 * 16, c4, lrelu=True)
+        self.out = FullyConnectedLayer(c4, 1)
+
+    @staticmethod
+    def minibatch_std(x: Tensor, group_size: int = 4) -> Tensor:
+        """Append one channel: the mean over features of the std over each group of `group_size` samples."""
+        n, c, h, w = x.shape
+        g = min(group_size, n)
+        y = x.reshape(g, n // g, c, h, w)
+        y = (y.var(dim=0, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))
+        return torch.cat([x, y.reshape(-1, 1, 1, 1).repeat(g, 1, h, w)], dim=1)
+
+    def forward(self, img: Tensor) -> Tensor:
+        """Images (N, C, R, R) in [-1, 1] -> logits (N,); N must be a multiple of 4 (or below 4)."""
+        x = self.blocks(self.from_rgb(img))
+        x = self.conv(self.minibatch_std(x))
+        return self.out(self.fc(x.flatten(1))).squeeze(1)
+
+
+def slice_images(shape: str, colour: str, n: int, seed: int, resolution: int, rotate: bool) -> np.ndarray:
+    """`n` training images (N, H, W, 3) uint8 of one slice: random position and size, aspect 1.0."""
+    if shape not in SHAPES or colour not in COLOURS:
+        raise BadInput(f"no slice {colour!r} {shape!r}: shapes are {', '.join(SHAPES)}, colours {', '.join(COLOURS)}")
+    images, _, _ = dataset(n, seed, resolution, shapes=(shape,), colours=(colour,), rotate=rotate)
+    return images
+
+
+def _to_tensor(images: np.ndarray) -> Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], the inverse of `images_to_uint8`."""
+    return (torch.from_numpy(images).permute(0, 3, 1, 2).float() - 128) / 127.5
+
+
+def _styles(G: Generator, batch: int, mixing_prob: float, rng: torch.Generator) -> Tensor:
+    """ws (N, num_ws, w_dim) for fresh latents; with probability `mixing_prob` a sample's styles from a
+    random cutoff on come from a second latent (style mixing regularisation)."""
+    ws = G.mapping(torch.randn(batch, G.z_dim, generator=rng))
+    if mixing_prob > 0:
+        ws2 = G.mapping(torch.randn(batch, G.z_dim, generator=rng))
+        cutoff = torch.randint(1, G.num_ws, (batch, 1), generator=rng)
+        cutoff = torch.where(torch.rand(batch, 1, generator=rng) < mixing_prob, cutoff, G.num_ws)
+        mixed = torch.arange(G.num_ws)[None, :] >= cutoff
+        ws = torch.where(mixed[..., None], ws2, ws)
+    return ws
+
+
+@torch.no_grad()
+def _update_ema(G_ema: Generator, G: Generator, beta: float) -> None:
+    for p_ema, p in zip(G_ema.parameters(), G.parameters(), strict=True):
+        p_ema.lerp_(p, 1 - beta)
+
+
+def sample_images(G: Generator, seeds: list[int], truncation_psi: float = 1.0) -> np.ndarray:
+    """uint8 (N, H, W, 3) images for `seeds`, as the registry samples them (const noise), in one batch."""
+    with torch.no_grad():
+        return images_to_uint8(G(latents_for_seeds(seeds, G.z_dim), truncation_psi=truncation_psi))
+
+
+def slice_metrics(images: np.ndarray, shape: str, colour: str, prefix: str = "") -> dict[str, float]:
+    """Share of images whose colour meter, shape meter, and both, read the slice; mean aspect ratio."""
+    readings = measure(images)
+    colour_ok = np.array([r.colour == colour for r in readings])
+    shape_ok = np.array([r.shape == shape for r in readings])
+    aspects = np.array([r.aspect for r in readings])
+    return {
+        f"{prefix}agreement": float((colour_ok & shape_ok).mean()),
+        f"{prefix}colour_agreement": float(colour_ok.mean()),
+        f"{prefix}shape_agreement": float(shape_ok.mean()),
+        f"{prefix}aspect_mean": float(np.nanmean(aspects)) if np.isfinite(aspects).any() else math.nan,
+    }
+
+
+def train_gan(
+    shape: str,
+    colour: str,
+    seed: int = 0,
+    profile: str | TrainingProfile = "full",
+    progress: Progress | None = None,
+) -> TrainedGan:
+    """Train a generator on `colour` `shape` images and measure 200 of its samples with the meters.
+
+    Deterministic for the seed (and thread count): weights, latents and batches come from seeded
+    generators, and training uses the stored ("const") noise that sampling uses, never the global RNG.
+    """
+    if isinstance(profile, str):
+        if profile not in PROFILES:
+            raise BadInput(f"unknown training profile {profile!r}; choose one of {', '.join(PROFILES)}")
+        profile = PROFILES[profile]
+    config = profile.generator
+    data = slice_images(shape, colour, profile.dataset_size, seed, config.resolution, profile.rotate)
+    reals = _to_tensor(data)
+
+    G = build(config, seed).train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        D = Discriminator(config.resolution, profile.d_channel_base, profile.d_channel_max, config.img_channels)
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    c = profile.r1_interval / (profile.r1_interval + 1)
+    opt_G = torch.optim.Adam(G.parameters(), lr=profile.g_lr, betas=(0.0, 0.99), eps=1e-8)
+    opt_D = torch.optim.Adam(D.parameters(), lr=profile.d_lr * c, betas=(0.0, 0.99**c), eps=1e-8)
+    rng = torch.Generator().manual_seed(seed)
+    batch = profile.batch_size
+
+    start = time.perf_counter()
+    for step in range(profile.steps):
+        D.requires_grad_(False)
+        fake = G.synthesis(_styles(G, batch, profile.mixing_prob, rng), clamp=False)
+        loss_G = F.softplus(-D(fake)).mean()
+        opt_G.zero_grad(set_to_none=True)
+        loss_G.backward()
+        opt_G.step()
+
+        D.requires_grad_(True)
+        with torch.no_grad():
+            fake = G.synthesis(_styles(G, batch, profile.mixing_prob, rng), clamp=False)
+        real = reals[torch.randint(len(reals), (batch,), generator=rng)]
+        do_r1 = step % profile.r1_interval == 0
+        real.requires_grad_(do_r1)
+        real_logits = D(real)
+        loss_D = F.softplus(D(fake)).mean() + F.softplus(-real_logits).mean()
+        if do_r1:
+            (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+            loss_D = loss_D + grad.square().sum(dim=(1, 2, 3)).mean() * (profile.r1_gamma / 2 * profile.r1_interval)
+        opt_D.zero_grad(set_to_none=True)
+        loss_D.backward()
+        opt_D.step()
+
+        ema_nimg = min(profile.ema_kimg * 1000, (step + 1) * batch * profile.ema_rampup)
+        _update_ema(G_ema, G, 0.5 ** (batch / max(ema_nimg, 1e-8)))
+        if progress is not None:
+            progress(step + 1, profile.steps, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+
+    G_ema.mapping.estimate_w_avg(seed=seed)
+    metrics: dict[str, float | int | str] = {
+        "slice": f"{colour} {shape}",
+        "profile": "custom" if profile not in PROFILES.values() else next(k for k, v in PROFILES.items() if v == profile),
+        "steps": profile.steps,
+        "seconds": round(seconds, 2),
+        "samples": METER_SAMPLES,
+    }
+    metrics |= slice_metrics(sample_images(G_ema, list(range(METER_SAMPLES))), shape, colour)
+    metrics |= slice_metrics(data[:METER_SAMPLES], shape, colour, prefix="data_")
+    return TrainedGan(generator=G_ema, config=config, metrics=metrics)
+
+
+def save(trained: TrainedGan, directory: str | Path) -> Path:
+    """Write the generator as a GAN folder (config.json + model.safetensors) that `zoo import` reads."""
+    return save_gan(trained.generator, trained.config, directory)
