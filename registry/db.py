@@ -17,7 +17,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -101,7 +101,7 @@ class Database:
         head = head_revision()
         try:
             current = self.current_revision()
-        except OperationalError as e:
+        except DatabaseError as e:  # not a database file, unreachable server, no permission
             raise BadInput(f"cannot open the registry database {self.url}: {e.orig}") from None
         if current == head:
             return

@@ -17,7 +17,7 @@ from tiny_models import save_tiny_gpt2, save_tiny_sd  # noqa: E402
 
 import modelzoo  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ the system temporary directory (TMPDIR) and holds the whole float32 model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -59,13 +60,15 @@ def describe_gguf(path: Path) -> dict[str, Any]:
         return None if found is None else found.contents()
 
     file_type = field("general.file_type")
+    with contextlib.suppress(ValueError):  # a type this gguf package does not name keeps its number
+        file_type = LlamaFileType(file_type).name.removeprefix("MOSTLY_")
     tensor_types = Counter(t.tensor_type.name for t in reader.tensors)
     return {
         "sha256": file_sha256(path),
         "architecture": field("general.architecture"),
         "name": field("general.name"),
         # llama.cpp's label for the file as a whole ("Q4_1"); mixed files hold other types too
-        "file_type": LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else None,
+        "file_type": file_type,
         "tensor_types": dict(sorted(tensor_types.items())),
         "dequantized_dtype": str(DEQUANTIZED_DTYPE).removeprefix("torch."),
     }
@@ -84,7 +87,7 @@ def dequantize_to_folder(path: Path, out: Path) -> None:
                 quantization_config=GgufConfig(dequantize=True),
             )
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-        except (ValueError, KeyError, OSError, NotImplementedError) as e:
+        except (ValueError, KeyError, TypeError, OSError, NotImplementedError, RuntimeError) as e:
             raise BadInput(f"transformers cannot load {path} as a causal LM ({e.__class__.__name__}: {e})") from None
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)

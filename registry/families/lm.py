@@ -193,7 +193,7 @@ class LanguageModelFamily:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         info = registry.info(ref)
-        files = registry.load_files(ref)
+        files = registry.load_files(info.ref)
         if "config.json" not in files:
             raise BadInput(f"{info.ref} has no config.json, so its architecture is unknown")
         tensors = registry.load_tensors(info.ref)
@@ -219,16 +219,18 @@ class LanguageModelFamily:
         prompt: str | None = None,
         max_new_tokens: int = 32,
         temperature: float = 1.0,
-        top_k: int | None = 50,
+        top_k: int = 50,
     ) -> list[Sample]:
         """One continuation per seed (the prompt itself is not repeated in `text`).
 
-        `temperature=0` decodes greedily, so every seed gives the same text. No prompt (or an empty one)
-        starts from the beginning-of-sequence token.
+        `temperature=0` decodes greedily, so every seed gives the same text; `top_k=0` samples from the
+        whole vocabulary. Other generation settings come from the version's `generation_config.json`, as
+        they would for `from_pretrained`. No prompt (or an empty one) starts from the beginning-of-sequence
+        token.
         """
         check_seeds(seeds)
-        if max_new_tokens < 1 or temperature < 0:
-            raise BadInput("max_new_tokens must be >= 1 and temperature >= 0")
+        if max_new_tokens < 1 or temperature < 0 or top_k < 0:
+            raise BadInput("max_new_tokens must be >= 1, temperature and top_k >= 0")
         lm = model.pipeline
         ids = self.encode(model, prompt).to(lm.device)
         options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
@@ -237,6 +239,8 @@ class LanguageModelFamily:
         pad = lm.generation_config.pad_token_id
         if pad is None:
             pad = lm.generation_config.eos_token_id
+        if isinstance(pad, list):  # several end tokens (Llama 3): pad with the first
+            pad = pad[0]
         samples = []
         forked = [lm.device] if lm.device.type == "cuda" else []
         for seed in seeds:
