@@ -133,6 +133,44 @@ def bench_gan(config: StyleGanConfig, device: torch.device, repeats: int) -> dic
     }
 
 
+@torch.no_grad()
+def bench_smollm2(device: torch.device) -> dict[str, Any]:
+    """The real LM: import throughput of SmolLM2-135M's Q4_1 GGUF file into a fresh registry, then greedy
+    tokens/s of the imported (float32) version loaded through the lm family."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import modelzoo
+    from modelzoo.registry.families.gguf import smollm2_gguf_path
+
+    gguf = smollm2_gguf_path(Path(tempfile.gettempdir()) / "modelzoo-smollm2")
+    home = Path(tempfile.mkdtemp(prefix="zoo-bench-"))
+    try:
+        zoo = modelzoo.open(home)
+        started = time.perf_counter()
+        info = zoo.import_(gguf, "smollm2")
+        import_s = time.perf_counter() - started
+        model = zoo.load(info.ref, str(device))
+        lm, tokenizer = model.pipeline, model.tokenizer
+        prompt = tokenizer("The capital of France is", return_tensors="pt").to(device)
+        options = dict(do_sample=False, pad_token_id=tokenizer.eos_token_id)
+
+        def generate() -> None:
+            out = lm.generate(**prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, **options)
+            assert out.shape[1] == prompt["input_ids"].shape[1] + NEW_TOKENS
+
+        (seconds,) = timed(generate, device, repeats=1)
+        return {
+            "gguf_mb": round(gguf.stat().st_size / 1e6, 1), "float32_mb": round(info.logical_bytes / 1e6, 1),
+            "import_s": round(import_s, 2), "import_gguf_mb_s": round(gguf.stat().st_size / 1e6 / import_s, 1),
+            "import_float32_mb_s": round(info.logical_bytes / 1e6 / import_s, 1),
+            "new_tokens": NEW_TOKENS, "seconds": seconds, "tokens_per_s": NEW_TOKENS / seconds,
+        }
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def device_info(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
         "device": str(device), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
@@ -152,7 +190,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                         help="UNet and LM weights (the GAN always runs in float32)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--only", default="unet,lm,gan", help="comma-separated subset of unet,lm,gan")
+    parser.add_argument("--only", default="unet,lm,gan,smollm2", help="comma-separated subset of unet,lm,gan,smollm2")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -161,7 +199,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     wanted = set(args.only.split(","))
-    unknown = wanted - {"unet", "lm", "gan"}
+    unknown = wanted - {"unet", "lm", "gan", "smollm2"}
     if unknown:
         parser.error(f"--only: unknown parts {sorted(unknown)}")
 
@@ -176,6 +214,8 @@ def main() -> None:
     if "gan" in wanted:
         config = StyleGanConfig.tiny() if args.quick else StyleGanConfig.stylegan2_256()
         report["gan"] = bench_gan(config, device, repeats=5)
+    if "smollm2" in wanted and not args.quick:
+        report["smollm2"] = bench_smollm2(device)
     print(json.dumps(report, indent=2))
 
 

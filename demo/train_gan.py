@@ -73,6 +73,7 @@ class TrainingProfile:
     machine. `dataset_size` images are drawn once before training and batches are drawn from them.
     """
 
+    name: str
     steps: int
     batch_size: int = 32
     g_lr: float = 0.0025
@@ -96,8 +97,8 @@ class TrainingProfile:
 
 
 PROFILES: dict[str, TrainingProfile] = {
-    "full": TrainingProfile(steps=600),
-    "quick": TrainingProfile(steps=100),
+    "full": TrainingProfile("full", steps=600),
+    "quick": TrainingProfile("quick", steps=100),
 }
 
 
@@ -247,6 +248,64 @@ def slice_metrics(images: np.ndarray, shape: str, colour: str, prefix: str = "")
     }
 
 
+class GanTrainer:
+    """The training state of one slice's GAN: data, G, D, G_ema, optimisers and the seeded RNG.
+
+    `step()` runs one generator update, one discriminator update (with R1 every `r1_interval` steps)
+    and one G_ema update; `train_gan` calls it `profile.steps` times. Kept as an object so experiments
+    can measure G_ema between steps.
+    """
+
+    def __init__(self, shape: str, colour: str, seed: int, profile: TrainingProfile) -> None:
+        self.profile = profile
+        config = profile.generator
+        self.data = slice_images(shape, colour, profile.dataset_size, seed, config.resolution, profile.rotate)
+        self.reals = _to_tensor(self.data)
+        self.G = build(config, seed).train()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            self.D = Discriminator(config.resolution, profile.d_channel_base, profile.d_channel_max, config.img_channels)
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        c = profile.r1_interval / (profile.r1_interval + 1)
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=profile.g_lr, betas=(0.0, 0.99), eps=1e-8)
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=profile.d_lr * c, betas=(0.0, 0.99**c), eps=1e-8)
+        self.rng = torch.Generator().manual_seed(seed)
+        self.steps_done = 0
+
+    def step(self) -> tuple[float, float]:
+        """One G, D and G_ema update; returns (generator loss, discriminator loss before R1)."""
+        p, G, D = self.profile, self.G, self.D
+        batch = p.batch_size
+
+        D.requires_grad_(False)
+        fake = G.synthesis(_styles(G, batch, p.mixing_prob, self.rng), clamp=False)
+        loss_G = F.softplus(-D(fake)).mean()
+        self.opt_G.zero_grad(set_to_none=True)
+        loss_G.backward()
+        self.opt_G.step()
+
+        D.requires_grad_(True)
+        with torch.no_grad():
+            fake = G.synthesis(_styles(G, batch, p.mixing_prob, self.rng), clamp=False)
+        real = self.reals[torch.randint(len(self.reals), (batch,), generator=self.rng)]
+        do_r1 = self.steps_done % p.r1_interval == 0
+        real.requires_grad_(do_r1)
+        real_logits = D(real)
+        loss_D = F.softplus(D(fake)).mean() + F.softplus(-real_logits).mean()
+        loss = loss_D
+        if do_r1:
+            (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+            loss = loss + grad.square().sum(dim=(1, 2, 3)).mean() * (p.r1_gamma / 2 * p.r1_interval)
+        self.opt_D.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_D.step()
+
+        self.steps_done += 1
+        ema_nimg = min(p.ema_kimg * 1000, self.steps_done * batch * p.ema_rampup)
+        _update_ema(self.G_ema, G, 0.5 ** (batch / max(ema_nimg, 1e-8)))
+        return float(loss_G.detach()), float(loss_D.detach())
+
+
 def train_gan(
     shape: str,
     colour: str,
@@ -263,62 +322,26 @@ def train_gan(
         if profile not in PROFILES:
             raise BadInput(f"unknown training profile {profile!r}; choose one of {', '.join(PROFILES)}")
         profile = PROFILES[profile]
-    config = profile.generator
-    data = slice_images(shape, colour, profile.dataset_size, seed, config.resolution, profile.rotate)
-    reals = _to_tensor(data)
-
-    G = build(config, seed).train()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)
-        D = Discriminator(config.resolution, profile.d_channel_base, profile.d_channel_max, config.img_channels)
-    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
-    c = profile.r1_interval / (profile.r1_interval + 1)
-    opt_G = torch.optim.Adam(G.parameters(), lr=profile.g_lr, betas=(0.0, 0.99), eps=1e-8)
-    opt_D = torch.optim.Adam(D.parameters(), lr=profile.d_lr * c, betas=(0.0, 0.99**c), eps=1e-8)
-    rng = torch.Generator().manual_seed(seed)
-    batch = profile.batch_size
-
+    trainer = GanTrainer(shape, colour, seed, profile)
     start = time.perf_counter()
-    for step in range(profile.steps):
-        D.requires_grad_(False)
-        fake = G.synthesis(_styles(G, batch, profile.mixing_prob, rng), clamp=False)
-        loss_G = F.softplus(-D(fake)).mean()
-        opt_G.zero_grad(set_to_none=True)
-        loss_G.backward()
-        opt_G.step()
-
-        D.requires_grad_(True)
-        with torch.no_grad():
-            fake = G.synthesis(_styles(G, batch, profile.mixing_prob, rng), clamp=False)
-        real = reals[torch.randint(len(reals), (batch,), generator=rng)]
-        do_r1 = step % profile.r1_interval == 0
-        real.requires_grad_(do_r1)
-        real_logits = D(real)
-        loss_D = F.softplus(D(fake)).mean() + F.softplus(-real_logits).mean()
-        if do_r1:
-            (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
-            loss_D = loss_D + grad.square().sum(dim=(1, 2, 3)).mean() * (profile.r1_gamma / 2 * profile.r1_interval)
-        opt_D.zero_grad(set_to_none=True)
-        loss_D.backward()
-        opt_D.step()
-
-        ema_nimg = min(profile.ema_kimg * 1000, (step + 1) * batch * profile.ema_rampup)
-        _update_ema(G_ema, G, 0.5 ** (batch / max(ema_nimg, 1e-8)))
+    for _ in range(profile.steps):
+        trainer.step()
         if progress is not None:
-            progress(step + 1, profile.steps, time.perf_counter() - start)
+            progress(trainer.steps_done, profile.steps, time.perf_counter() - start)
     seconds = time.perf_counter() - start
 
-    G_ema.mapping.estimate_w_avg(seed=seed)
+    G = trainer.G_ema
+    G.mapping.estimate_w_avg(seed=seed)
     metrics: dict[str, float | int | str] = {
         "slice": f"{colour} {shape}",
-        "profile": "custom" if profile not in PROFILES.values() else next(k for k, v in PROFILES.items() if v == profile),
+        "profile": profile.name,
         "steps": profile.steps,
         "seconds": round(seconds, 2),
         "samples": METER_SAMPLES,
     }
-    metrics |= slice_metrics(sample_images(G_ema, list(range(METER_SAMPLES))), shape, colour)
-    metrics |= slice_metrics(data[:METER_SAMPLES], shape, colour, prefix="data_")
-    return TrainedGan(generator=G_ema, config=config, metrics=metrics)
+    metrics |= slice_metrics(sample_images(G, list(range(METER_SAMPLES))), shape, colour)
+    metrics |= slice_metrics(trainer.data[:METER_SAMPLES], shape, colour, prefix="data_")
+    return TrainedGan(generator=G, config=profile.generator, metrics=metrics)
 
 
 def save(trained: TrainedGan, directory: str | Path) -> Path:

@@ -124,7 +124,7 @@ class ClipEncoder:
     """
 
     def __init__(self, model: CLIP, config: ClipConfig, id: str, weights_hash: str):
-        self.model = model.eval()
+        self.model = model
         self.config = config
         self.id = id
         self.weights_hash = weights_hash
