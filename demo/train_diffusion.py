@@ -53,6 +53,8 @@ class TrainProfile:
     vae_width: int = 16
     text_width: int = 64
     vae_lr: float = 2e-3
+    min_snr_gamma: float = 0.0
+    latent_scale: float = 1.0
 
 
 PROFILES: dict[str, TrainProfile] = {
@@ -204,6 +206,8 @@ def build_pipeline(p: TrainProfile, seed: int, progress: Progress | None = None)
         latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in x.split(512)])
         recon = torch.cat([vae.decode(z).sample for z in latents.split(512)])
     vae_rmse = float(((recon - x) * 127.5).pow(2).mean().sqrt())
+    vae.register_to_config(scaling_factor=p.latent_scale)
+    latents = latents * p.latent_scale
 
     tokenizer = _tokenizer()
     text_encoder = _text_encoder(p, len(tokenizer))
@@ -228,7 +232,12 @@ def build_pipeline(p: TrainProfile, seed: int, progress: Progress | None = None)
         zt = a * z0 + s * noise
         target = noise if p.prediction_type == "epsilon" else a * noise - s * z0
         states = text_encoder(token_ids[which])[0]
-        return F.mse_loss(unet(zt, t, states).sample, target)
+        error = (unet(zt, t, states).sample - target).pow(2).mean((1, 2, 3))
+        if p.min_snr_gamma:
+            snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+            weight = snr.clamp(max=p.min_snr_gamma) / (snr + 1 if p.prediction_type == "v_prediction" else snr)
+            error = error * weight
+        return error.mean()
 
     both = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
     _fit(both, unet_loss, p.unet_steps, p.learning_rate, p.ema_decay, lambda s, loss: report(s, total, loss))

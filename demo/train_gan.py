@@ -89,6 +89,7 @@ class TrainingProfile:
     the aspect-ratio meter reads the same either way."""
     d_channel_base: int = 512
     d_channel_max: int = 64
+    mbstd_group: int = 4
     generator: StyleGanConfig = field(default=GAN_CONFIG)
 
     def __post_init__(self) -> None:
@@ -162,8 +163,11 @@ class Discriminator(nn.Module):
     Channels at resolution R are min(channel_base // R, channel_max), as in the generator.
     """
 
-    def __init__(self, resolution: int, channel_base: int, channel_max: int, img_channels: int = 3) -> None:
+    def __init__(
+        self, resolution: int, channel_base: int, channel_max: int, img_channels: int = 3, mbstd_group: int = 4
+    ) -> None:
         super().__init__()
+        self.mbstd_group = mbstd_group
 
         def channels(res: int) -> int:
             return min(channel_base // res, channel_max)
@@ -192,7 +196,7 @@ class Discriminator(nn.Module):
     def forward(self, img: Tensor) -> Tensor:
         """Images (N, C, R, R) in [-1, 1] -> logits (N,); N must be a multiple of 4 (or below 4)."""
         x = self.blocks(self.from_rgb(img))
-        x = self.conv(self.minibatch_std(x))
+        x = self.conv(self.minibatch_std(x, self.mbstd_group))
         return self.out(self.fc(x.flatten(1))).squeeze(1)
 
 
@@ -264,7 +268,9 @@ class GanTrainer:
         self.G = build(config, seed).train()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)
-            self.D = Discriminator(config.resolution, profile.d_channel_base, profile.d_channel_max, config.img_channels)
+            self.D = Discriminator(
+                config.resolution, profile.d_channel_base, profile.d_channel_max, config.img_channels, profile.mbstd_group
+            )
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         c = profile.r1_interval / (profile.r1_interval + 1)
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=profile.g_lr, betas=(0.0, 0.99), eps=1e-8)

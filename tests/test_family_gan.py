@@ -167,5 +167,5 @@ def test_a_prompt_random_noise_or_an_unknown_option_is_refused(model):
 
 def test_loading_a_version_of_another_family_is_refused(zoo, gpt2_dir):
     info = zoo.import_(gpt2_dir, name="gpt2-tiny")
-    with pytest.raises(BadInput, match="not a GAN"):
+    with pytest.raises(BadInput, match="not a gan model"):
         GanFamily().load(zoo.registry, info.ref)

@@ -10,6 +10,7 @@ Tensor names are the registry's: `unet/down_blocks.0...attn2.to_k.weight` for a 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from modelzoo.registry.errors import BadInput
+from modelzoo.registry.records import VersionInfo
 from modelzoo.registry.store import Registry
 
 
@@ -86,6 +88,26 @@ class Family(Protocol):
     def editable_tensors(self, model: LoadedModel) -> list[str]:
         """The registry tensor names that this family's editors may change."""
         ...
+
+
+def stored_json_config(
+    registry: Registry, ref: str, family: str, filename: str, writer: str
+) -> tuple[VersionInfo, dict[str, Any]]:
+    """A single-module family's version and its JSON config file, refusing a version of another family
+    or one whose config is missing or unreadable (`writer` names the function that writes such folders)."""
+    info = registry.info(ref)
+    if info.family != family:
+        raise BadInput(f"{info.ref} is a {info.family} model, not a {family} model")
+    files = registry.load_files(info.ref)
+    if filename not in files:
+        raise BadInput(f"{info.ref} has no {filename}; re-import it from a folder written by {writer}")
+    try:
+        config = json.loads(files[filename])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInput(f"{info.ref}: {filename} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise BadInput(f"{info.ref}: {filename} is not a JSON object")
+    return info, config
 
 
 def family_names() -> list[str]:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from modelzoo.registry.errors import BadInput
-from modelzoo.registry.families.base import LoadedModel, Sample
+from modelzoo.registry.families.base import LoadedModel, Sample, stored_json_config
 from modelzoo.registry.families.stylegan import (
     Generator,
     NoiseMode,
@@ -163,16 +163,7 @@ class GanFamily:
     needs_prompt: ClassVar[bool] = False
 
     def load(self, registry: Registry, ref: str, device: str = "cpu") -> LoadedModel:
-        info = registry.info(ref)
-        if info.family != self.name:
-            raise BadInput(f"{info.ref} is a {info.family} model, not a GAN")
-        files = registry.load_files(info.ref)
-        if CONFIG_FILE not in files:
-            raise BadInput(f"{info.ref} has no {CONFIG_FILE}; re-import it from a folder written by save_gan")
-        try:
-            config_json = json.loads(files[CONFIG_FILE])
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BadInput(f"{info.ref}: {CONFIG_FILE} is not valid JSON ({e})") from None
+        info, config_json = stored_json_config(registry, ref, self.name, CONFIG_FILE, "save_gan")
         config = config_from_json(config_json)
         G = generator_from_state_dict(config, registry.load_tensors(info.ref), device)
         return LoadedModel(ref=info.ref, family=self.name, pipeline=G, modules={"": G}, config=config_json)

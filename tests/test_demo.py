@@ -1,0 +1,64 @@
+"""`zoo demo --quick` builds the shapes world offline, reports measured quality, and is cached."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+from cli_helpers import snapshot, zoo_cli
+
+import modelzoo
+from modelzoo.demo.catalog import world_models
+
+
+@pytest.fixture(scope="module")
+def world_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("world") / "zoo"
+
+
+def test_quick_demo_builds_every_model_with_its_measured_quality(world_home, capsys):
+    result = zoo_cli(capsys, world_home, "demo", "--quick")
+    assert result.code == 0, result.err
+    zoo = modelzoo.open(world_home)
+    for model in world_models("quick"):
+        info = zoo.get(model.name)
+        assert info.method == "train" and info.params["profile"] == "quick"
+        for metric, bar in model.thresholds.items():
+            assert info.metrics[metric] >= bar, (model.name, metric, info.metrics[metric])
+    grids = sorted(p.name for p in (world_home / "demo").glob("*.png"))
+    assert "shapes-sd-v1.png" in grids and "shapes-gan-red-circle-v1.png" in grids
+    assert "measured quality" in result.out
+
+
+def test_second_demo_reuses_the_cached_world(world_home, capsys):
+    before = {m.name: m.latest for m in modelzoo.open(world_home).list()}
+    result = zoo_cli(capsys, world_home, "demo", "--quick")
+    assert result.code == 0, result.err
+    assert "cached" in result.out
+    assert {m.name: m.latest for m in modelzoo.open(world_home).list()} == before
+
+
+def test_demo_refuses_a_damaged_registry_and_changes_nothing(world_home, tmp_path, capsys):
+    home = tmp_path / "damaged"
+    shutil.copytree(world_home, home)
+    victim = max((p for p in (home / "blobs").rglob("*.safetensors")), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[-3] ^= 0x10
+    victim.write_bytes(bytes(data))
+    before = snapshot(home)
+    result = zoo_cli(capsys, home, "demo", "--quick")
+    assert result.code == 2 and "damaged" in result.err
+    assert snapshot(home) == before
+
+
+def test_demo_refuses_a_registry_of_another_schema(tmp_path, capsys):
+    home = tmp_path / "future"
+    modelzoo.open(home)
+    with sqlite3.connect(home / "registry.db") as conn:
+        conn.execute("UPDATE alembic_version SET version_num = 'from_the_future'")
+    before = snapshot(home)
+    result = zoo_cli(capsys, home, "demo", "--quick")
+    assert result.code == 2 and "newer than this modelzoo" in result.err
+    assert snapshot(home) == before
