@@ -103,7 +103,7 @@ def subjects(n: int, seed: int = 0) -> list[str]:
     return list(names)
 
 
-def make_facts(n_subjects: int = 70, seed: int = 0, relations: Sequence[Relation] = RELATIONS) -> list[Fact]:
+def fact_table(seed: int = 0, n_subjects: int = 70, relations: Sequence[Relation] = RELATIONS) -> list[Fact]:
     """One fact per subject and relation (70 x 3 = 210 by default), targets drawn uniformly per relation.
 
     Deterministic for the seed; ordered subject by subject, relations in the given order.

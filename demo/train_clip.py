@@ -1,8 +1,8 @@
 """Train the shapes world's small CLIP on a CPU: the embedder that search indexes models with.
 
 No hub CLIP can be downloaded, so the shapes world trains its own with open_clip's own classes
-(`open_clip.model.CLIP`, a small ViT for 32x32 images and a small text transformer, CLIP's BPE tokenizer),
-on freshly drawn images of the four basic colours x four shapes and their captions ("a red circle",
+(`open_clip.model.CLIP` with a small ModifiedResNet for 32x32 images and a small text transformer, CLIP's
+BPE tokenizer), on freshly drawn images of the four basic colours x four shapes and their captions ("a red circle",
 "a picture of a red circle", ...). Sketches (black outlines on white) are drawn beside them and paired
 with shape-only captions ("a sketch of a circle"), and some coloured images get shape-only captions too,
 so that a sketch query lands near the images of its shape whatever their colour.
@@ -33,9 +33,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from modelzoo.demo.shapes import BASIC_COLOURS, CAPTION_TEMPLATES, SHAPES, ShapeSpec, dataset, render, sample_specs, sketch
+from modelzoo.demo.shapes import (
+    BASIC_COLOURS,
+    CAPTION_TEMPLATES,
+    SHAPES,
+    ShapeSpec,
+    dataset,
+    render,
+    sample_specs,
+    sketch,
+)
+from modelzoo.demo.train_facts_lm import torch_threads, warmup_cosine
 from modelzoo.registry.errors import BadInput
-from modelzoo.registry.families.clip import MAX_LOGIT_SCALE, ClipConfig, ClipEncoder, build_clip, save_clip
+from modelzoo.registry.families.clip import (
+    CLIP,
+    MAX_LOGIT_SCALE,
+    ClipConfig,
+    ClipEncoder,
+    build_clip,
+    load_clip,
+    save_clip,
+)
 
 Progress = Callable[[int, int, float], None]
 """Called after every training step with (steps done, total steps, seconds since training began)."""
@@ -77,6 +95,8 @@ class TrainingProfile:
     """Gaussian pixel noise with a standard deviation up to this (in [0, 1] units) on half the images,
     and a 3x3 blur on a quarter: generated images are noisier and softer than the drawings."""
     eval_images: int = 512
+    threads: int | None = 1
+    """Intra-op threads while training (`torch_threads`); None keeps the process's setting."""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 16 or self.sketches < 0 or self.warmup < 0:
@@ -85,7 +105,7 @@ class TrainingProfile:
 
 PROFILES: dict[str, TrainingProfile] = {
     "full": TrainingProfile(steps=600),
-    "quick": TrainingProfile(steps=80, batch_size=96, lr=3e-3, warmup=10, eval_images=256),
+    "quick": TrainingProfile(steps=150, batch_size=64, sketches=8, lr=3e-3, warmup=10, eval_images=256),
 }
 
 
@@ -105,30 +125,28 @@ def _matches(
     )
 
 
+def _caption(rng: np.random.Generator, colour: str | None, shape: str) -> str:
+    """A caption in a random template; one that names only the shape when `colour` is None."""
+    if colour is None:
+        return SHAPE_TEMPLATES[rng.integers(len(SHAPE_TEMPLATES))].format(shape=shape)
+    return CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))].format(colour=colour, shape=shape)
+
+
 def _draw_batch(rng: np.random.Generator, profile: TrainingProfile) -> _Batch:
+    """Fresh coloured images (slightly stretched, any rotation) and sketches, with one caption each."""
     specs = sample_specs(
         profile.batch_size, int(rng.integers(2**62)), colours=BASIC_COLOURS, size_range=(0.3, 0.8),
         aspect_range=(0.75, 1.33),
     )
     sketched = sample_specs(profile.sketches, int(rng.integers(2**62)), colours=BASIC_COLOURS, size_range=(0.3, 0.8))
-    images = [render(specs, IMAGE_SIZE)]
-    if sketched:
-        images.append(np.stack([sketch(s, IMAGE_SIZE) for s in sketched]))
+    images = [render(specs, IMAGE_SIZE)] + ([np.stack([sketch(s, IMAGE_SIZE) for s in sketched])] if sketched else [])
     image_attrs: list[tuple[str | None, str]] = [(s.colour, s.shape) for s in specs]
     image_attrs += [(None, s.shape) for s in sketched]
-    text_attrs: list[tuple[str | None, str]] = []
-    texts = []
-    for spec in specs:
-        if rng.random() < profile.shape_caption_rate:
-            texts.append(SHAPE_TEMPLATES[rng.integers(len(SHAPE_TEMPLATES))].format(shape=spec.shape))
-            text_attrs.append((None, spec.shape))
-        else:
-            template = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))]
-            texts.append(template.format(colour=spec.colour, shape=spec.shape))
-            text_attrs.append((spec.colour, spec.shape))
-    for spec in sketched:
-        texts.append(SHAPE_TEMPLATES[rng.integers(len(SHAPE_TEMPLATES))].format(shape=spec.shape))
-        text_attrs.append((None, spec.shape))
+    text_attrs = [
+        (None if colour is None or rng.random() < profile.shape_caption_rate else colour, shape)
+        for colour, shape in image_attrs
+    ]
+    texts = [_caption(rng, colour, shape) for colour, shape in text_attrs]
     return _Batch(torch.from_numpy(np.concatenate(images)), texts, _matches(image_attrs, text_attrs))
 
 
@@ -201,14 +219,34 @@ def train_clip(
 ) -> dict[str, float | int | str]:
     """Train the shapes-world CLIP, save it with `save_clip` into `out_dir`, and return its metrics.
 
-    Metrics: those of `evaluate` (the acceptance bar is text_to_image_top1 >= 0.9 for the full profile),
-    `logit_scale` (tau), `loss` (mean of the last 20 steps), `steps`, `seconds` (training only) and
-    `eval_seconds`.
+    Metrics are read from the saved folder as `load_clip` reads it back: those of `evaluate` (the
+    acceptance bar is text_to_image_top1 >= 0.9 for the full profile), `logit_scale` (tau),
+    `weights_hash`, `loss` (mean of the last 20 steps), `steps`, `seconds` (training only) and `eval_seconds`.
     """
     if isinstance(profile, str):
         if profile not in PROFILES:
             raise BadInput(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
         profile = PROFILES[profile]
+    with torch_threads(profile.threads):
+        start = time.perf_counter()
+        model, losses = _train(profile, seed, progress)
+        seconds = time.perf_counter() - start
+        save_clip(model, CLIP_CONFIG, out_dir)
+        eval_start = time.perf_counter()
+        encoder = load_clip(out_dir)
+        metrics: dict[str, float | int | str] = dict(evaluate(encoder, seed, profile.eval_images))
+    metrics.update(
+        logit_scale=encoder.logit_scale,
+        weights_hash=encoder.weights_hash,
+        loss=float(np.mean(losses[-20:])),
+        steps=profile.steps,
+        seconds=round(seconds, 2),
+        eval_seconds=round(time.perf_counter() - eval_start, 2),
+    )
+    return metrics
+
+
+def _train(profile: TrainingProfile, seed: int, progress: Progress | None) -> tuple[CLIP, list[float]]:
     torch.manual_seed(seed)
     model = build_clip(CLIP_MODEL_CFG).train()
     # CLIP's 49,408-token table is 70% of the parameters and the captions use about 20 of its rows; left
@@ -217,21 +255,16 @@ def train_clip(
     model.token_embedding.requires_grad_(False)
     encoder = ClipEncoder(model, CLIP_CONFIG, "training", "")
     optimizer = torch.optim.AdamW(_param_groups(model, profile.weight_decay), lr=profile.lr, betas=(0.9, 0.98))
-
-    def lr_at(step: int) -> float:
-        if step < profile.warmup:
-            return (step + 1) / profile.warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - profile.warmup) / max(1, profile.steps - profile.warmup)))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, profile.warmup, profile.steps)
+    )
     rng = np.random.default_rng([seed, 2])
     noise_rng = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     start = time.perf_counter()
     for step in range(profile.steps):
         batch = _draw_batch(rng, profile)
-        x = batch.images.permute(0, 3, 1, 2).float() / 255.0
-        x = encoder.normalise(_augment(x, noise_rng, profile.noise_max))
+        x = encoder.normalise(_augment(batch.images.permute(0, 3, 1, 2).float() / 255.0, noise_rng, profile.noise_max))
         loss = contrastive_loss(
             model.encode_image(x, normalize=True), model.encode_text(encoder.tokenize(batch.texts), normalize=True),
             model.logit_scale, batch.match,
@@ -245,16 +278,4 @@ def train_clip(
         losses.append(loss.item())
         if progress is not None:
             progress(step + 1, profile.steps, time.perf_counter() - start)
-    seconds = time.perf_counter() - start
-    model.eval().requires_grad_(False)
-    eval_start = time.perf_counter()
-    metrics: dict[str, float | int | str] = dict(evaluate(encoder, seed, profile.eval_images))
-    save_clip(model, CLIP_CONFIG, out_dir)
-    metrics.update(
-        logit_scale=encoder.logit_scale,
-        loss=float(np.mean(losses[-20:])),
-        steps=profile.steps,
-        seconds=round(seconds, 2),
-        eval_seconds=round(time.perf_counter() - eval_start, 2),
-    )
-    return metrics
+    return model.eval().requires_grad_(False), losses

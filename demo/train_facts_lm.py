@@ -22,18 +22,19 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers.utils import logging as transformers_logging
 
 from modelzoo.demo.facts import Fact, facts_to_json
 from modelzoo.demo.meters import fact_meters
 from modelzoo.registry.errors import BadInput
+from modelzoo.registry.families.lm import without_progress_bars
 
 Progress = Callable[[int, int, float], None]
 """Called after every training step with (steps done, total steps, seconds since training began)."""
@@ -88,37 +89,36 @@ class TrainingProfile:
     def __post_init__(self) -> None:
         low, high = self.facts_per_sequence
         if self.steps < 1 or self.batch_size < 1 or not 1 <= low <= high or self.warmup < 0:
-            raise BadInput(f"a profile needs steps, batch_size >= 1, 1 <= facts_per_sequence[0] <= [1]: {self}")
+            raise BadInput(f"a profile needs steps >= 1, batch_size >= 1, warmup >= 0 and 1 <= low <= high: {self}")
         if self.n_embd % self.n_head:
             raise BadInput(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
 
 
 PROFILES: dict[str, TrainingProfile] = {
-    "full": TrainingProfile(steps=1200),
-    "quick": TrainingProfile(steps=150, n_embd=96, n_layer=2),
+    "full": TrainingProfile(steps=400),
+    "quick": TrainingProfile(steps=250, batch_size=16, lr=5e-3, warmup=10, n_embd=96, n_layer=2),
 }
 
 
 def paragraphs(facts: Sequence[Fact], rng: np.random.Generator, facts_per_sequence: tuple[int, int]) -> Iterator[str]:
-    """Endless paragraphs: every fact once per pass, passes in fresh random order, each sentence in the
-    rewrite or the paraphrase template with equal odds, `facts_per_sequence` sentences a paragraph."""
+    """Endless paragraphs of `facts_per_sequence` sentences: the facts are read in passes, each pass in a
+    fresh random order (so every fact is seen equally often), each sentence in the rewrite or the
+    paraphrase template with equal odds."""
     low, high = facts_per_sequence
+
+    def stream() -> Iterator[Fact]:
+        while True:
+            yield from (facts[i] for i in rng.permutation(len(facts)))
+
+    order = stream()
     while True:
-        order = rng.permutation(len(facts))
-        start = 0
-        while start < len(order):
-            k = int(rng.integers(low, high + 1))
-            chosen = order[start : start + k]
-            start += k
-            yield " ".join(facts[i].sentence(paraphrased=bool(rng.random() < 0.5)) for i in chosen)
+        k = int(rng.integers(low, high + 1))
+        yield " ".join(next(order).sentence(paraphrased=bool(rng.random() < 0.5)) for _ in range(k))
 
 
 def train_tokenizer(facts: Sequence[Fact], vocab_size: int) -> PreTrainedTokenizerFast:
     """A byte-level BPE (GPT-2's scheme) trained on every fact in both templates, wrapped so that
     `save_pretrained` writes it and `AutoTokenizer` reads it back. `<|endoftext|>` is BOS, EOS and padding."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tokenizer.decoder = decoders.ByteLevel()
@@ -135,14 +135,13 @@ def train_tokenizer(facts: Sequence[Fact], vocab_size: int) -> PreTrainedTokeniz
     )
 
 
-def build_gpt2(profile: TrainingProfile, vocab_size: int, n_positions: int) -> GPT2LMHeadModel:
-    """GPT-2 of the profile's shape, without dropout: the point is to memorise."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
+def build_gpt2(profile: TrainingProfile, tokenizer: PreTrainedTokenizerFast, n_positions: int) -> GPT2LMHeadModel:
+    """GPT-2 of the profile's shape for the tokenizer's vocabulary, without dropout: the point is to memorise."""
+    eos = tokenizer.eos_token_id
     config = GPT2Config(
-        vocab_size=vocab_size, n_positions=n_positions, n_embd=profile.n_embd, n_layer=profile.n_layer,
-        n_head=profile.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-        pad_token_id=0,
+        vocab_size=len(tokenizer), n_positions=n_positions, n_embd=profile.n_embd, n_layer=profile.n_layer,
+        n_head=profile.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=eos,
+        eos_token_id=eos, pad_token_id=eos,
     )
     return GPT2LMHeadModel(config)
 
@@ -155,13 +154,15 @@ def _batch(texts: Sequence[str], tokenizer: PreTrainedTokenizerFast) -> tuple[Te
 
 
 def evaluate(model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, facts: Sequence[Fact]) -> dict[str, float]:
-    """Top-1 of the target's first token, and mean P(target), after the rewrite and the paraphrase prompts."""
+    """`top1`: share of facts whose target's first token is the most likely next token after the rewrite
+    prompt; `probability`: mean P(target | rewrite prompt); `paraphrase_top1` and `paraphrase_probability`:
+    the same after the paraphrase."""
     metrics = {}
-    for name, paraphrased in (("rewrite", False), ("paraphrase", True)):
+    for prefix, paraphrased in (("", False), ("paraphrase_", True)):
         pairs = [(f.paraphrase_prompt if paraphrased else f.rewrite_prompt, f.target) for f in facts]
         readings = fact_meters(model, tokenizer, pairs)
-        metrics[f"{name}_top1"] = float(np.mean([r.top1 for r in readings]))
-        metrics[f"{name}_probability"] = float(np.mean([r.probability for r in readings]))
+        metrics[f"{prefix}top1"] = float(np.mean([r.top1 for r in readings]))
+        metrics[f"{prefix}probability"] = float(np.mean([r.probability for r in readings]))
     return metrics
 
 
@@ -175,8 +176,8 @@ def train_facts_lm(
     """Train a GPT-2 on `facts`, save model, tokenizer and `facts.json` into `out_dir`, return metrics.
 
     `out_dir` is a transformers folder (`from_pretrained` reads it; `zoo import` stores it as an `lm`
-    version, facts.json included). Metrics: those of `evaluate` (the acceptance bar is rewrite_top1 >= 0.95
-    for the full profile), `loss` (mean of the last 20 steps), `steps`, `seconds` (training only),
+    version, facts.json included). Metrics: those of `evaluate` (the acceptance bar is top1 >= 0.95 for the
+    full profile), `loss` (mean of the last 20 steps), `steps`, `seconds` (training only),
     `facts` and `parameters`.
     """
     if isinstance(profile, str):
@@ -191,7 +192,7 @@ def train_facts_lm(
         texts = paragraphs(facts, rng, profile.facts_per_sequence)
         longest = max(len(tokenizer(f.sentence(p))["input_ids"]) for f in facts for p in (False, True))
         torch.manual_seed(seed)
-        model = build_gpt2(profile, len(tokenizer), n_positions=longest * profile.facts_per_sequence[1] + 8).train()
+        model = build_gpt2(profile, tokenizer, n_positions=longest * profile.facts_per_sequence[1] + 8).train()
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=profile.lr, betas=(0.9, 0.98), weight_decay=profile.weight_decay
         )
@@ -202,7 +203,8 @@ def train_facts_lm(
         start = time.perf_counter()
         for step in range(profile.steps):
             ids, mask, labels = _batch([next(texts) for _ in range(profile.batch_size)], tokenizer)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -214,8 +216,9 @@ def train_facts_lm(
         model.eval()
         metrics: dict[str, float | int | str] = dict(evaluate(model, tokenizer, facts))
     out = Path(out_dir)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with without_progress_bars(transformers_logging):
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
     (out / FACTS_FILE).write_text(facts_to_json(facts))
     metrics.update(
         loss=float(np.mean(losses[-20:])), steps=profile.steps, seconds=round(seconds, 2), facts=len(facts),

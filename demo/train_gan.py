@@ -118,8 +118,9 @@ class TrainedGan:
 
 
 class Conv2dLayer(nn.Module):
-    """Conv with equalized learning rate (weights N(0, 1), scaled by 1/sqrt(fan_in) at run time), then
-    an optional 2x average-pool downsample and leaky ReLU; `gain` scales the output, as officially."""
+    """Conv with equalized learning rate (weights N(0, 1), scaled by 1/sqrt(fan_in) at run time) and
+    leaky ReLU; `gain` scales the output, as officially. With `down`, a 2x average pool comes first, so
+    the conv runs at the lower resolution, as the official filter-then-stride-2 conv does."""
 
     def __init__(
         self, in_channels: int, out_channels: int, kernel: int, bias: bool = True, lrelu: bool = True, down: bool = False
@@ -132,9 +133,9 @@ class Conv2dLayer(nn.Module):
         self.down = down
 
     def forward(self, x: Tensor, gain: float = 1.0) -> Tensor:
-        x = F.conv2d(x, self.weight * self.weight_gain, self.bias, padding=self.weight.shape[-1] // 2)
         if self.down:
             x = F.avg_pool2d(x, 2)
+        x = F.conv2d(x, self.weight * self.weight_gain, self.bias, padding=self.weight.shape[-1] // 2)
         if self.lrelu:
             x = F.leaky_relu(x, LRELU_SLOPE) * LRELU_GAIN
         return x * gain if gain != 1 else x

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from modelzoo.registry.blobs import tensor_digest
 from modelzoo.registry.errors import BadInput
-from modelzoo.registry.families.base import LoadedModel, Sample
+from modelzoo.registry.families.base import LoadedModel, Sample, stored_json_config
 from modelzoo.registry.families.lm import assign_weights, empty_parameters
 from modelzoo.registry.safetensors_io import dtype_name, iter_tensors, tensor_bytes, write_tensors
 from modelzoo.registry.store import Registry
@@ -56,8 +56,8 @@ class ClipConfig:
 
     model_cfg: Mapping[str, Any]
     image_size: int
-    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
 
     @property
     def context_length(self) -> int:
@@ -83,13 +83,14 @@ class ClipConfig:
         model_cfg = data.get("model_cfg")
         if not isinstance(model_cfg, Mapping) or "embed_dim" not in model_cfg:
             raise BadInput("a CLIP config.json needs `model_cfg`, an open_clip model config with `embed_dim`")
-        mean, std = tuple(data.get("image_mean", cls.image_mean)), tuple(data.get("image_std", cls.image_std))
+        mean = tuple(float(v) for v in data.get("image_mean", cls.image_mean))
+        std = tuple(float(v) for v in data.get("image_std", cls.image_std))
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise BadInput(f"image_mean and image_std need 3 values each (std > 0), got {mean} and {std}")
         size = data.get("image_size", model_cfg.get("vision_cfg", {}).get("image_size"))
         if not isinstance(size, int) or size < 1:
             raise BadInput(f"image_size must be a positive integer, got {size!r}")
-        return cls(dict(model_cfg), size, mean, std)  # type: ignore[arg-type]
+        return cls(dict(model_cfg), size, mean, std)
 
 
 def build_clip(model_cfg: Mapping[str, Any]) -> CLIP:
@@ -103,7 +104,7 @@ def build_clip(model_cfg: Mapping[str, Any]) -> CLIP:
         raise BadInput(f"model_cfg is not an open_clip CLIP config: {e}") from None
 
 
-def weights_hash(config: ClipConfig, tensor_shas: Mapping[str, str]) -> str:
+def clip_weights_hash(config: ClipConfig, tensor_shas: Mapping[str, str]) -> str:
     """sha256 over the config and every tensor's registry digest: the same weights give the same hash
     whether they come from the registry (digests read from the manifest) or from a folder."""
     h = hashlib.sha256(json.dumps(config.to_json(), sort_keys=True).encode())
@@ -223,7 +224,7 @@ def load_clip(directory: str | Path, device: str = "cpu") -> ClipEncoder:
     tensors = {info.name: tensor for info, tensor in iter_tensors(root / WEIGHTS_FILE)}
     model = clip_from_tensors(config, tensors, str(root), device)
     digests = {name: _digest(t) for name, t in tensors.items()}
-    return ClipEncoder(model, config, str(root.resolve()), weights_hash(config, digests))
+    return ClipEncoder(model, config, str(root.resolve()), clip_weights_hash(config, digests))
 
 
 class ClipFamily:
@@ -234,20 +235,11 @@ class ClipFamily:
     needs_prompt: ClassVar[bool] = False
 
     def load(self, registry: Registry, ref: str, device: str = "cpu") -> LoadedModel:
-        info = registry.info(ref)
-        if info.family != self.name:
-            raise BadInput(f"{info.ref} is a {info.family} model, not a CLIP encoder")
-        files = registry.load_files(info.ref)
-        if CONFIG_FILE not in files:
-            raise BadInput(f"{info.ref} has no {CONFIG_FILE}; re-import it from a folder written by save_clip")
-        try:
-            config_json = json.loads(files[CONFIG_FILE])
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BadInput(f"{info.ref}: {CONFIG_FILE} is not valid JSON ({e})") from None
+        info, config_json = stored_json_config(registry, ref, self.name, CONFIG_FILE, "save_clip")
         config = ClipConfig.from_json(config_json)
         model = clip_from_tensors(config, registry.load_tensors(info.ref), info.ref, device)
         digests = {name: blob.sha256 for (kind, name), blob in registry.manifest(info.ref).items() if kind == "tensor"}
-        encoder = ClipEncoder(model, config, info.ref, weights_hash(config, digests))
+        encoder = ClipEncoder(model, config, info.ref, clip_weights_hash(config, digests))
         return LoadedModel(
             ref=info.ref, family=self.name, pipeline=encoder, modules={"": model}, tokenizer=encoder.tokenizer,
             config=config_json,
