@@ -30,6 +30,7 @@ def register(app: typer.Typer) -> None:
         from modelzoo.demo.world import build_world
 
         started = time.perf_counter()
+        quiet_library_progress_bars()
         zoo = State.zoo()
         if zoo.list():
             report = zoo.verify()
@@ -54,7 +55,7 @@ def register(app: typer.Typer) -> None:
         grids = out or zoo.settings.home / "demo"
         grids.mkdir(parents=True, exist_ok=True)
         for b in built:
-            path = write_grid(zoo, b.ref, b.family, grids)
+            path = write_grid(zoo, b.ref, b.family, grids, per_prompt=1 if quick else 2)
             if path:
                 console.print(f"  samples of {b.ref}: {path}")
 
@@ -72,22 +73,35 @@ def register(app: typer.Typer) -> None:
                       f"`zoo sample {built[-1].ref} --n 8 --grid grid.png`")
 
 
+def quiet_library_progress_bars() -> None:
+    """diffusers and transformers draw their own tqdm bars on every save and load; the demo has one bar."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def _fmt(value: object) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def write_grid(zoo, ref: str, family: str, folder: Path) -> Path | None:  # type: ignore[no-untyped-def]
-    """A contact sheet of samples (image families only): seeds 0-7, or 2 seeds per colour prompt."""
+def write_grid(zoo, ref: str, family: str, folder: Path, per_prompt: int) -> Path | None:  # type: ignore[no-untyped-def]
+    """A contact sheet of samples (image families only): seeds 0-7, or `per_prompt` seeds per colour prompt,
+    drawn with the pipeline's default sampling settings."""
     from modelzoo.demo.shapes import BASIC_COLOURS
 
     if family == "gan":
         samples = zoo.sample(ref, range(8))
     elif family == "diffusion":
-        samples = [s for colour in BASIC_COLOURS for s in zoo.sample(ref, range(2), f"a {colour} circle")]
+        samples = [s for colour in BASIC_COLOURS for s in zoo.sample(ref, range(per_prompt), f"a {colour} circle")]
     else:
         return None
     images = [s.image for s in samples if s.image is not None]
-    rows = np.concatenate([np.concatenate(images[i : i + 8], axis=1) for i in range(0, len(images), 8)], axis=0)
+    width = min(8, len(images))
+    rows = np.concatenate(
+        [np.concatenate(images[i : i + width], axis=1) for i in range(0, len(images), width)], axis=0
+    )
     path = folder / f"{ref.replace('@', '-v')}.png"
     Image.fromarray(rows).resize((rows.shape[1] * 2, rows.shape[0] * 2), Image.NEAREST).save(path)
     return path

@@ -55,12 +55,15 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.models.resnet import ResnetBlock2D
+from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
 
 from modelzoo.demo.meters import measure
 from modelzoo.demo.shapes import BASIC_COLOURS, SHAPES, dataset
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.families.clip_tokenizer import clip_tokenizer_files
+from modelzoo.registry.families.lm import without_progress_bars
 
 log = logging.getLogger(__name__)
 
@@ -302,9 +305,11 @@ def train_diffusion(out_dir: Path, seed: int = 0, profile: str = "full", progres
         raise BadInput(f"unknown training profile {profile!r}; choose one of {', '.join(PROFILES)}")
     chosen = PROFILES[profile]
     pipe, metrics = train_pipeline(chosen, seed, progress)
-    pipe.save_pretrained(out_dir)
     log.info("trained %s in %.0f s; measuring", out_dir, metrics["train_seconds"])
     started = time.perf_counter()
-    metrics |= agreement(DiffusionPipeline.from_pretrained(out_dir), chosen.samples_per_prompt, seed)
+    with without_progress_bars(diffusers_logging, transformers_logging):
+        pipe.save_pretrained(out_dir)
+        reloaded = DiffusionPipeline.from_pretrained(out_dir)
+    metrics |= agreement(reloaded, chosen.samples_per_prompt, seed)
     metrics["eval_seconds"] = time.perf_counter() - started
     return metrics

@@ -84,6 +84,7 @@ class TrainingProfile:
     ema_kimg: float = 1.0
     ema_rampup: float = 0.05
     dataset_size: int = 4096
+    size_range: tuple[float, float] = (0.4, 0.75)
     rotate: bool = False
     """Rotate training shapes at random; off by default, since upright shapes are learnt much faster and
     the aspect-ratio meter reads the same either way."""
@@ -201,11 +202,15 @@ class Discriminator(nn.Module):
         return self.out(self.fc(x.flatten(1))).squeeze(1)
 
 
-def slice_images(shape: str, colour: str, n: int, seed: int, resolution: int, rotate: bool) -> np.ndarray:
+def slice_images(
+    shape: str, colour: str, n: int, seed: int, resolution: int, size_range: tuple[float, float], rotate: bool
+) -> np.ndarray:
     """`n` training images (N, H, W, 3) uint8 of one slice: random position and size, aspect 1.0."""
     if shape not in SHAPES or colour not in COLOURS:
         raise BadInput(f"no slice {colour!r} {shape!r}: shapes are {', '.join(SHAPES)}, colours {', '.join(COLOURS)}")
-    images, _, _ = dataset(n, seed, resolution, shapes=(shape,), colours=(colour,), rotate=rotate)
+    images, _, _ = dataset(
+        n, seed, resolution, shapes=(shape,), colours=(colour,), size_range=size_range, rotate=rotate
+    )
     return images
 
 
@@ -264,7 +269,9 @@ class GanTrainer:
     def __init__(self, shape: str, colour: str, seed: int, profile: TrainingProfile) -> None:
         self.profile = profile
         config = profile.generator
-        self.data = slice_images(shape, colour, profile.dataset_size, seed, config.resolution, profile.rotate)
+        self.data = slice_images(
+            shape, colour, profile.dataset_size, seed, config.resolution, profile.size_range, profile.rotate
+        )
         self.reals = _to_tensor(self.data)
         self.G = build(config, seed).train()
         with torch.random.fork_rng(devices=[]):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
 from pathlib import Path
 
@@ -18,6 +17,7 @@ def world_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("world") / "zoo"
 
 
+@pytest.mark.slow
 def test_quick_demo_builds_every_model_with_its_measured_quality(world_home, capsys):
     result = zoo_cli(capsys, world_home, "demo", "--quick")
     assert result.code == 0, result.err
@@ -32,6 +32,7 @@ def test_quick_demo_builds_every_model_with_its_measured_quality(world_home, cap
     assert "measured quality" in result.out
 
 
+@pytest.mark.slow
 def test_second_demo_reuses_the_cached_world(world_home, capsys):
     before = {m.name: m.latest for m in modelzoo.open(world_home).list()}
     result = zoo_cli(capsys, world_home, "demo", "--quick")
@@ -40,9 +41,8 @@ def test_second_demo_reuses_the_cached_world(world_home, capsys):
     assert {m.name: m.latest for m in modelzoo.open(world_home).list()} == before
 
 
-def test_demo_refuses_a_damaged_registry_and_changes_nothing(world_home, tmp_path, capsys):
-    home = tmp_path / "damaged"
-    shutil.copytree(world_home, home)
+def test_demo_refuses_a_damaged_registry_and_changes_nothing(home, gpt2_dir, capsys):
+    modelzoo.open(home).import_(gpt2_dir, "gpt2")
     victim = max((p for p in (home / "blobs").rglob("*.safetensors")), key=lambda p: p.stat().st_size)
     data = bytearray(victim.read_bytes())
     data[-3] ^= 0x10
