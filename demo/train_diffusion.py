@@ -100,7 +100,7 @@ class TrainProfile:
 
 PROFILES: dict[str, TrainProfile] = {
     "full": TrainProfile(unet_steps=1500, batch_size=64, learning_rate=5e-3, ema_decay=0.995, samples_per_prompt=4),
-    "quick": TrainProfile(unet_steps=150, batch_size=32, learning_rate=5e-3, ema_decay=0.0, samples_per_prompt=2),
+    "quick": TrainProfile(unet_steps=250, batch_size=32, learning_rate=5e-3, ema_decay=0.0, samples_per_prompt=2),
 }
 
 

@@ -287,25 +287,20 @@ class GanTrainer:
         self.steps_done = 0
 
     def step(self) -> tuple[float, float]:
-        """One G, D and G_ema update; returns (generator loss, discriminator loss before R1)."""
-        p, G, D = self.profile, self.G, self.D
-        batch = p.batch_size
+        """One D, G and G_ema update; returns (generator loss, discriminator loss before R1).
 
-        D.requires_grad_(False)
-        fake = G.synthesis(_styles(G, batch, p.mixing_prob, self.rng), clamp=False)
-        loss_G = F.softplus(-D(fake)).mean()
-        self.opt_G.zero_grad(set_to_none=True)
-        loss_G.backward()
-        self.opt_G.step()
+        One batch of fakes serves both updates (detached for D's, then through the updated D for G's),
+        which saves a third of the generator's cost per step.
+        """
+        p, G, D = self.profile, self.G, self.D
+        fake = G.synthesis(_styles(G, p.batch_size, p.mixing_prob, self.rng), clamp=False)
 
         D.requires_grad_(True)
-        with torch.no_grad():
-            fake = G.synthesis(_styles(G, batch, p.mixing_prob, self.rng), clamp=False)
-        real = self.reals[torch.randint(len(self.reals), (batch,), generator=self.rng)]
+        real = self.reals[torch.randint(len(self.reals), (p.batch_size,), generator=self.rng)]
         do_r1 = self.steps_done % p.r1_interval == 0
         real.requires_grad_(do_r1)
         real_logits = D(real)
-        loss_D = F.softplus(D(fake)).mean() + F.softplus(-real_logits).mean()
+        loss_D = F.softplus(D(fake.detach())).mean() + F.softplus(-real_logits).mean()
         loss = loss_D
         if do_r1:
             (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
@@ -314,9 +309,15 @@ class GanTrainer:
         loss.backward()
         self.opt_D.step()
 
+        D.requires_grad_(False)
+        loss_G = F.softplus(-D(fake)).mean()
+        self.opt_G.zero_grad(set_to_none=True)
+        loss_G.backward()
+        self.opt_G.step()
+
         self.steps_done += 1
-        ema_nimg = min(p.ema_kimg * 1000, self.steps_done * batch * p.ema_rampup)
-        _update_ema(self.G_ema, G, 0.5 ** (batch / max(ema_nimg, 1e-8)))
+        ema_nimg = min(p.ema_kimg * 1000, self.steps_done * p.batch_size * p.ema_rampup)
+        _update_ema(self.G_ema, G, 0.5 ** (p.batch_size / max(ema_nimg, 1e-8)))
         return float(loss_G.detach()), float(loss_D.detach())
 
 

@@ -8,6 +8,7 @@ plus at worst some unreferenced blob files that `gc` removes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import random
@@ -162,6 +163,8 @@ class Registry:
         written = {b.sha256: b.location for b in staged.values() if b.written}
         if not written:
             return
+        with contextlib.suppress(Exception):  # wait for in-flight publishes; a failed one removed its file
+            self.blobs.sync()
         with self.db.write() as session:
             if not self.db.is_sqlite:
                 session.execute(text(f"SELECT pg_advisory_xact_lock({GC_LOCK_KEY})"))
