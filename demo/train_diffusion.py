@@ -8,37 +8,49 @@ colours), saves a `StableDiffusionPipeline` with `save_pretrained`, loads it bac
 The pipeline (every component a stock diffusers / transformers class, so editors and the registry treat
 it like any SD 1.x folder):
 - `AutoencoderKL` without downsampling, *built* as an exact identity rather than trained: the latent is
-  the image itself (3 channels, 16 x 16), decode(encode(x)) = x to about 0.002 / 255. Convolutions
+  the image itself (3 channels, 16 x 16), decode(encode(x)) = x to within 0.01 / 255. Convolutions
   copy each RGB channel and its negative into the hidden channels next to two constants +-K; the
   constants fix every GroupNorm's statistics (mean exactly 0, variance K^2 / 4 up to 1e-4), and the
   pairs pass SiLU linearly, since SiLU(u) - SiLU(-u) = u; every ResNet's last convolution is zero, so
   the blocks are identities. A learned 2x-downsampling VAE would cost training time and add
   reconstruction error for no gain: at 16 x 16 pixel-space diffusion is already cheap.
-- `UNet2DConditionModel` with two levels: ResNets only at 16 x 16, ResNets with cross-attention
-  transformer blocks at 8 x 8 and in the 4 x 4 mid block. The text reaches the UNet only through
-  cross-attention, which UCE and ESD edit. Self-attention at 16 x 16 tripled the step time for
-  nothing measurable.
+- `UNet2DConditionModel` (0.26M parameters) with two levels: ResNets only at 16 x 16 (width 16), ResNets
+  with cross-attention transformer blocks at 8 x 8 (width 32) and in the 8 x 8 mid block. The text
+  reaches the UNet only through cross-attention, which UCE and ESD edit. Attention at 16 x 16 made a
+  step 2.7x slower.
 - `CLIPTextModel` (2 layers, width 64), trained from scratch with the UNet, and a `CLIPTokenizer` with
   the first 8,000 of CLIP's merges (every shapes-world word but "triangle" is then one token; 8,514
   tokens) and 16 positions, enough for every caption template.
 - `DDIMScheduler` with DDPM's linear betas, v-prediction and "trailing" timesteps, so the first of the
   50 sampling steps starts from pure noise (alpha_bar = 4e-5), as training saw.
 
-Training choices, measured (colour / shape agreement of 32-64 default samples; CPU seconds of one
-thread, of which two threads need roughly 60%):
+Training choices, by measurement (colour / shape agreement of 32 or 64 default samples, on 2 shared
+cores):
 - v-prediction instead of epsilon: 400 steps reached 100% colour agreement instead of 34%. Epsilon
   prediction leaves x0 = (x_t - sigma eps) / alpha badly conditioned at the high noise levels where
   the colour is decided.
-- Latents scaled to unit variance (`scaling_factor` 3 = 1 / std of the images in [-1, 1]), as SD
-  scales its latents: the noise schedule assumes unit-variance data, and at 150 steps this alone took
-  colour agreement from 3% to 100%.
-- A narrow UNet (widths 16 and 32, 0.3M parameters) learns faster per CPU second than one twice as
-  wide (0.16 vs 0.33 s a step) and matched it: 150 steps: 100% colour; 1,500 steps: 41% shapes
-  against 47% for the wide one at the same cost.
-- 10% empty captions, so the unconditional branch that guidance 7.5 extrapolates from is trained;
-  Adam with warm-up and cosine decay, and an EMA of the weights for the full profile.
-- Min-SNR loss weighting (gamma 5) did not help at this size (28% vs 3% colour, both far under the
-  scaled-latent runs) and is not used.
+- Latents scaled to unit variance (`scaling_factor` 3 ~= 1 / 0.32, the std of the images in [-1, 1]),
+  as SD scales its latents: the noise schedule assumes unit-variance data, and at 150 steps this alone
+  took colour agreement from 3% to 100%. (Min-SNR weighting, gamma 5, tried before it: 28%.)
+- A narrow UNet: widths (16, 32) take 0.16 CPU s a step of 64 images, (32, 64) 0.33 s. At equal CPU
+  time the narrow one learned colour faster (300 vs 150 steps: 100% vs 31%) and about matched the wide
+  one on shapes (1,500 vs 800 steps: 41% vs 47%, within the noise of 64 samples).
+- Batch 32 for the quick profile: at a fixed 150 steps it halved the cost and kept 100% colour.
+- 10% empty captions, so the unconditional branch that guidance 7.5 extrapolates from is trained; AdamW
+  with warm-up and cosine decay; an EMA of the weights (0.995) for the full profile.
+- Shape agreement stayed between 25% and 47% for every variant tried at full cost or twice it (wider,
+  3,000 steps, three levels, cosine schedule) and does not depend on guidance (41% at 7.5 and at 1):
+  shapes at 16 x 16 need far more training than minutes of CPU; colour, the acceptance bar, is at
+  100% from a few hundred steps.
+
+Measured with the final code on 2 cores that other processes shared (so seconds are upper bounds):
+- quick (250 steps of 32): colour agreement 100%, 97%, 100%, 100% on seeds 0-3 (32 samples each),
+  shapes 19-31%; 25 s of training on one thread.
+- full (1,500 steps of 64): colour 100%, shapes 41-42% (64 samples); 248 s on one thread, 357 s on two.
+- The identity VAE's reconstruction RMSE: 0.002 (of 255).
+Two threads gain only about 1.2x over one on these small kernels, and when other processes
+oversubscribe the cores OpenMP's barriers made them 3-5x slower than one thread; weights are
+deterministic for a seed and a thread count.
 """
 
 from __future__ import annotations
@@ -71,6 +83,7 @@ Progress = Callable[[int, int, float], None]
 """Called after every training step with (step, steps, loss)."""
 
 RESOLUTION = 16
+UNET_WIDTHS = (16, 32)
 MERGES = 8000
 MAX_TOKENS = 16
 TEXT_WIDTH = 64
@@ -79,8 +92,8 @@ LATENT_SCALE = 3.0
 TRAIN_TIMESTEPS = 1000
 CFG_DROPOUT = 0.1
 GROUP_OFFSET = 100.0
-"""K, the constant channels of the identity VAE; large enough that the image moves GroupNorm's variance
-by under 1e-4, small enough for float32."""
+"""K, the constant channels of the identity VAE: large enough that the image moves GroupNorm's standard
+deviation by under 2e-4 (relative), small enough for float32."""
 
 
 @dataclass(frozen=True)
@@ -94,8 +107,6 @@ class TrainProfile:
     """0 keeps the last weights."""
     samples_per_prompt: int
     images: int = 10000
-    unet_width: int = 32
-    resolution: int = RESOLUTION
 
 
 PROFILES: dict[str, TrainProfile] = {
@@ -126,10 +137,9 @@ def _text_encoder(vocab_size: int) -> CLIPTextModel:
     )
 
 
-def _unet(profile: TrainProfile) -> UNet2DConditionModel:
-    width = profile.unet_width
+def _unet() -> UNet2DConditionModel:
     return UNet2DConditionModel(
-        sample_size=profile.resolution, in_channels=3, out_channels=3, block_out_channels=(width // 2, width),
+        sample_size=RESOLUTION, in_channels=3, out_channels=3, block_out_channels=UNET_WIDTHS,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         layers_per_block=1, cross_attention_dim=TEXT_WIDTH, attention_head_dim=4, norm_num_groups=8,
     )
@@ -142,7 +152,7 @@ def _scheduler() -> DDIMScheduler:
     )
 
 
-def _identity_vae(resolution: int) -> AutoencoderKL:
+def _identity_vae() -> AutoencoderKL:
     """An `AutoencoderKL` whose encoder and decoder pass the image through (see the module docstring).
 
     Hidden channels 0-2 carry x, 3-5 carry -x and 6-7 the constants +K, -K; the one-group GroupNorm then
@@ -152,7 +162,7 @@ def _identity_vae(resolution: int) -> AutoencoderKL:
     """
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-        block_out_channels=(8,), layers_per_block=1, latent_channels=3, norm_num_groups=1, sample_size=resolution,
+        block_out_channels=(8,), layers_per_block=1, latent_channels=3, norm_num_groups=1, sample_size=RESOLUTION,
         mid_block_add_attention=False, scaling_factor=LATENT_SCALE,
     )
     sigma = GROUP_OFFSET / 2
@@ -180,7 +190,7 @@ def _identity_vae(resolution: int) -> AutoencoderKL:
 
 def _fit(
     module: torch.nn.Module,
-    loss_at: Callable[[int], torch.Tensor],
+    loss_of_batch: Callable[[], torch.Tensor],
     steps: int,
     learning_rate: float,
     ema_decay: float,
@@ -188,8 +198,9 @@ def _fit(
 ) -> None:
     """The training loop: AdamW, 5% linear warm-up then cosine decay to 0, gradients clipped at norm 1.
 
-    The module ends with the EMA of its weights (decay warmed up as (1 + step) / (10 + step)) or, for
-    decay 0, with its last weights: cosine decay already averages the end of a short run.
+    `loss_of_batch` draws a batch and returns its loss. The module ends with the EMA of its weights
+    (decay warmed up as (1 + step) / (10 + step)) or, for decay 0, with its last weights: a short run's
+    cosine decay already settles them.
     """
     params = [q for q in module.parameters() if q.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
@@ -200,14 +211,16 @@ def _fit(
     ema = [q.detach().clone() for q in params]
     module.train()
     for step in range(steps):
-        loss = loss_at(step)
+        loss = loss_of_batch()
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimiser.step()
         schedule.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            torch._foreach_lerp_(ema, [q.detach() for q in params], 1 - min(ema_decay, (1 + step) / (10 + step)))
+            for average, q in zip(ema, params, strict=True):
+                average.lerp_(q, 1 - decay)
         if progress is not None:
             progress(step, steps, loss.item())
     with torch.no_grad():
@@ -216,19 +229,19 @@ def _fit(
     module.eval()
 
 
-def train_pipeline(profile: TrainProfile, seed: int = 0, progress: Progress | None = None) -> tuple[
-    StableDiffusionPipeline, dict[str, float]
-]:
+def train_pipeline(
+    profile: TrainProfile, seed: int = 0, progress: Progress | None = None
+) -> tuple[StableDiffusionPipeline, dict[str, float]]:
     """Train the UNet and text encoder on `profile.images` shapes-world images; deterministic for a seed.
 
     Returns the pipeline (EMA weights, in eval mode) and its training metrics: seconds, steps and the
     VAE's reconstruction RMSE in 0..255 pixel units.
     """
     started = time.perf_counter()
-    images, captions, _ = dataset(profile.images, seed, profile.resolution, SHAPES, BASIC_COLOURS)
+    images, captions, _ = dataset(profile.images, seed, RESOLUTION, SHAPES, BASIC_COLOURS)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     torch.manual_seed(seed)
-    vae = _identity_vae(profile.resolution)
+    vae = _identity_vae()
     with torch.no_grad():
         latents = vae.encode(x).latent_dist.mean
         reconstruction = vae.decode(latents).sample
@@ -241,12 +254,12 @@ def train_pipeline(profile: TrainProfile, seed: int = 0, progress: Progress | No
                           return_tensors="pt").input_ids
     caption_of = torch.tensor([texts.index(c) for c in captions])
     text_encoder = _text_encoder(len(tokenizer))
-    unet = _unet(profile)
+    unet = _unet()
     scheduler = _scheduler()
     alpha_bar = scheduler.alphas_cumprod
     generator = torch.Generator().manual_seed(seed)
 
-    def loss_at(step: int) -> torch.Tensor:
+    def loss_of_batch() -> torch.Tensor:
         """v-prediction loss (Salimans & Ho 2022): v = alpha eps - sigma x0 for x_t = alpha x0 + sigma eps."""
         n = profile.batch_size
         index = torch.randint(len(latents), (n,), generator=generator)
@@ -261,7 +274,7 @@ def train_pipeline(profile: TrainProfile, seed: int = 0, progress: Progress | No
         return (v - (alpha * eps - sigma * x0)).pow(2).mean()
 
     trained = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
-    _fit(trained, loss_at, profile.unet_steps, profile.learning_rate, profile.ema_decay, progress)
+    _fit(trained, loss_of_batch, profile.unet_steps, profile.learning_rate, profile.ema_decay, progress)
     pipe = StableDiffusionPipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -295,7 +308,9 @@ def agreement(pipe: DiffusionPipeline, samples_per_prompt: int, seed: int = 0) -
     }
 
 
-def train_diffusion(out_dir: Path, seed: int = 0, profile: str = "full", progress: Progress | None = None) -> dict:
+def train_diffusion(
+    out_dir: Path, seed: int = 0, profile: str = "full", progress: Progress | None = None
+) -> dict[str, float]:
     """Train with the named profile, save the pipeline to `out_dir`, load it back and measure it.
 
     Returns the training metrics of `train_pipeline` plus `agreement` of the reloaded pipeline and the
