@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from modelzoo.editors.apply import apply_edit
+from modelzoo.editors.base import EditProgress
 from modelzoo.registry import integrity, queries
 from modelzoo.registry import lineage as lineage_queries
 from modelzoo.registry.exporter import export_version
@@ -94,6 +96,19 @@ class Zoo:
         **options: Any,
     ) -> VersionInfo:
         return self.registry.commit(parent, changed, method, params, metrics, **options)
+
+    def edit(
+        self,
+        ref: str,
+        method: str,
+        request: Any,
+        *,
+        name: str | None = None,
+        device: str = "cpu",
+        progress: EditProgress | None = None,
+    ) -> VersionInfo:
+        """Edit `ref` with an editor plugin (uce, esd, memit, alphaedit, warp, ...) and register the child."""
+        return apply_edit(self.registry, ref, method, request, name=name, device=device, progress=progress)
 
     def lineage(self, ref: str) -> Lineage:
         return lineage_queries.lineage(self.registry, ref)

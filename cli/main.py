@@ -11,6 +11,7 @@ import typer
 
 import modelzoo
 from modelzoo.cli import demo, sample
+from modelzoo.cli.edit import edit_app
 from modelzoo.cli.output import byte_progress, console, emit, errors, human_bytes, table
 from modelzoo.registry.errors import BadInput, NotFound, ZooError
 from modelzoo.registry.queries import ListFilter
@@ -22,6 +23,7 @@ app = typer.Typer(
 )
 alias_app = typer.Typer(help="Movable names for versions (name@prod).", no_args_is_help=True)
 app.add_typer(alias_app, name="alias")
+app.add_typer(edit_app, name="edit")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 

@@ -8,7 +8,14 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from modelzoo.registry.records import to_json
@@ -56,5 +63,25 @@ def byte_progress(label: str, quiet: bool = False) -> Iterator[Callable[[int, in
 
         def update(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total or None)
+
+        yield update
+
+
+@contextmanager
+def step_progress(label: str, quiet: bool = False) -> Iterator[Callable[[int, int, dict[str, float]], None]]:
+    """A bar for optimisation steps showing the latest figures (e.g. the loss); silent for --json output
+    and when stderr is not a terminal. Fed with (steps done, total steps, figures)."""
+    if quiet or not errors.is_terminal:
+        yield lambda done, total, figures: None
+        return
+    with Progress(
+        "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        "{task.fields[figures]}", console=errors, transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=None, figures="")
+
+        def update(done: int, total: int, figures: dict[str, float]) -> None:
+            shown = " ".join(f"{k} {v:.4g}" for k, v in figures.items())
+            bar.update(task, completed=done, total=total, figures=shown)
 
         yield update

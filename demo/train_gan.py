@@ -124,7 +124,13 @@ class Conv2dLayer(nn.Module):
     the conv runs at the lower resolution, as the official filter-then-stride-2 conv does."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel: int, bias: bool = True, lrelu: bool = True, down: bool = False
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: int,
+        bias: bool = True,
+        lrelu: bool = True,
+        down: bool = False,
     ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel, kernel))
@@ -277,7 +283,8 @@ class GanTrainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)
             self.D = Discriminator(
-                config.resolution, profile.d_channel_base, profile.d_channel_max, config.img_channels, profile.mbstd_group
+                config.resolution, profile.d_channel_base, profile.d_channel_max, config.img_channels,
+                profile.mbstd_group,
             )
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         c = profile.r1_interval / (profile.r1_interval + 1)
