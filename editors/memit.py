@@ -1,0 +1,559 @@
+"""MEMIT (Meng et al. 2023, "Mass-Editing Memory in a Transformer", arXiv 2210.07229) and AlphaEdit
+(Fang et al. 2025, "AlphaEdit: Null-Space Constrained Knowledge Editing", arXiv 2410.02355).
+
+Both write many facts (subject, relation) -> object into the MLP down-projections W of layers L_1..L_m:
+
+1. Target vectors z_i (`compute_z`, the reference's `compute_z.py`): a vector delta_i added to the output
+   of the last edited block L_m at the subject's last token, optimised with Adam (lr `v_lr`, `v_steps`
+   steps) against the new target's length-normalised NLL over the bare prompt and five random-prefix
+   context templates that the model generates itself, plus `kl_factor` x KL(now || before) of the
+   next-token distribution at the subject of "{} is a" (essence drift), plus `v_weight_decay` x
+   ||delta|| / ||h||^2; after each step delta is projected back to `clamp_norm_factor` x ||h||. Early stop
+   when a request's loss falls below 0.05. z_i = h_i + delta_i. Requests are optimised side by side in
+   one batch: their deltas only touch their own rows and Adam is element-wise, so this is the reference's
+   one-request-at-a-time loop, faster.
+2. Layer by layer from L_1 (`memit_main.py`): keys K (key_dim x n), the down-projection's input at the
+   subject's last token averaged over the context templates; residual R = (Z - H) / (layers left), H the
+   current block-L_m outputs on the bare prompts (recomputed after each layer's update);
+   MEMIT: Delta = R K^T (lam C + K K^T)^-1 (eq. 14), C = E[k k^T] (`memit_stats`).
+   AlphaEdit: Delta^T = (P (K K^T + C_prev) + l2 I)^-1 P K R^T, with P = U0 U0^T projecting onto the
+   null space of C (its singular vectors whose singular values are below `nullspace_threshold`) and
+   C_prev the K K^T of earlier AlphaEdit edits in the chain (found by the edited weight's hash).
+
+Module templates and default hyperparameters per architecture: see `default_hparams`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from modelzoo.editors.base import EditProgress, EditResult, changed_tensors
+from modelzoo.editors.lm_layout import LmLayout, layout_of
+from modelzoo.editors.lm_requests import (
+    FactRequest,
+    Tokens,
+    pad_batch,
+    pad_id,
+    request_from_json,
+    subject_tokens,
+    target_ids,
+)
+from modelzoo.editors.memit_stats import second_moments
+from modelzoo.registry.errors import BadInput
+from modelzoo.registry.families.base import LoadedModel
+from modelzoo.registry.tracing import trace
+
+KL_PROMPT = "{} is a"
+TEMPLATE_STARTS = ("The", "Therefore", "Because", "I", "You")
+EARLY_STOP = 0.05
+Z_BATCH = 16  # requests optimised together; memory grows with it
+
+
+@dataclass(frozen=True)
+class MemitHparams:
+    """Everything the method uses; `default_hparams` fills it per architecture, any field can be overridden."""
+
+    layers: tuple[int, ...]
+    lam: float  # the reference's mom2_update_weight
+    v_steps: int = 25
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    template_count: int = 5  # random-prefix context templates besides the bare prompt
+    template_length: int = 10  # tokens per generated prefix (top-k 5 sampling)
+    stats_samples: int = 32768  # key vectors (tokens) behind C
+    stats_dtype: str = "float32"
+    nullspace_threshold: float = 2e-2  # AlphaEdit: singular values of C below this span the null space
+    l2: float = 10.0  # AlphaEdit's ridge
+    seed: int = 0  # context templates and self-generated statistics text
+
+
+# Reference values (hparams/MEMIT/*.json, hparams/AlphaEdit/*.json) for the models they were tuned on:
+# (layer count, layers, lam, v_steps, v_lr). Other depths scale the layer range (see default_hparams).
+_REFERENCE: dict[str, tuple[int, tuple[int, ...], float, int, float]] = {
+    "gpt2": (48, (13, 14, 15, 16, 17), 20000.0, 20, 0.5),  # GPT-2 XL
+    "gptj": (28, (3, 4, 5, 6, 7, 8), 15000.0, 25, 0.5),  # GPT-J 6B
+    "gpt_neox": (44, (3, 4, 5, 6, 7, 8), 15000.0, 25, 0.5),  # no reference file: GPT-J's, by its rule
+    "llama": (32, (4, 5, 6, 7, 8), 15000.0, 25, 0.1),  # Llama-3-8B (AlphaEdit)
+}
+# lam for SmolLM2-135M (30-layer Llama-style) chosen by measurement (benchmarks/editors_lm.py): see
+# `measured_lam`.
+_MEASURED_LAM: dict[tuple[str, int, int], float] = {("llama", 30, 576): 15000.0}
+
+
+def default_hparams(layout: LmLayout) -> MemitHparams:
+    """The reference's values for the architecture; for another depth, the same share of the stack.
+
+    Layers: the reference's range moved to `round(first * n / n_ref)` and kept as long (capped by the
+    model's depth), e.g. Llama-3-8B's 4-8 of 32 is 4-8 of SmolLM2's 30 and 0-1 of a 2-layer test model.
+    lam: the measured value where one exists for the shape, else the reference's.
+    """
+    n_ref, ref_layers, lam, steps, lr = _REFERENCE.get(layout.arch, _REFERENCE["llama"])
+    count = min(len(ref_layers), layout.n_layers)
+    first = min(round(ref_layers[0] * layout.n_layers / n_ref), layout.n_layers - count)
+    lam = _MEASURED_LAM.get((layout.arch, layout.n_layers, layout.hidden), lam)
+    return MemitHparams(layers=tuple(range(first, first + count)), lam=lam, v_steps=steps, v_lr=lr)
+
+
+@dataclass(frozen=True)
+class MemitRequest:
+    """A batch of facts to write at once, and any hyperparameter to override.
+
+    `stats_dir` and `model_hash` turn on the cache of C (the CLI sets them to
+    `<home>/cache/memit-stats` and the edited version's manifest hash); `stats_corpus` is a text file
+    (one document per line, or JSONL with "text"), None for text the model generates itself.
+    """
+
+    requests: tuple[FactRequest, ...]
+    layers: tuple[int, ...] | None = None
+    lam: float | None = None
+    stats_corpus: str | None = None
+    stats_samples: int | None = None
+    stats_dir: str | None = None
+    model_hash: str | None = None
+    block_template: str | None = None
+    down_proj_template: str | None = None
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, requests: Sequence[FactRequest | dict[str, Any]], **options: Any) -> MemitRequest:
+        parsed = tuple(r if isinstance(r, FactRequest) else request_from_json(r, f"request {i + 1}")
+                       for i, r in enumerate(requests))
+        return cls(requests=parsed, **options)
+
+
+def resolve_hparams(request: MemitRequest, layout: LmLayout) -> MemitHparams:
+    hp = default_hparams(layout)
+    known = {f.name for f in fields(MemitHparams)}
+    unknown = sorted(set(request.hparams) - known)
+    if unknown:
+        raise BadInput(f"unknown MEMIT hyperparameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    hp = replace(hp, **request.hparams)
+    if request.layers is not None:
+        hp = replace(hp, layers=tuple(request.layers))
+    if request.lam is not None:
+        hp = replace(hp, lam=float(request.lam))
+    if request.stats_samples is not None:
+        hp = replace(hp, stats_samples=int(request.stats_samples))
+    layers = tuple(int(x) for x in hp.layers)
+    if not layers or any(not 0 <= x < layout.n_layers for x in layers):
+        raise BadInput(f"layers {list(layers)} out of range: the model has layers 0-{layout.n_layers - 1}")
+    if sorted(set(layers)) != list(layers):
+        raise BadInput(f"layers {list(layers)} must be distinct and increasing")
+    if hp.lam < 0 or hp.v_steps < 1 or hp.stats_samples < 1 or hp.template_count < 0:
+        raise BadInput("lam must be >= 0, v_steps and stats_samples >= 1, template_count >= 0")
+    return replace(hp, layers=layers)
+
+
+# --- context templates ------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def context_templates(lm: nn.Module, tokenizer: Any, count: int, length: int, seed: int) -> list[str]:
+    """The bare "{}" and `count` short texts the model writes (top-k 5), each followed by ". {}".
+
+    Braces in generated text are replaced so the templates format safely, as the reference does."""
+    gen = torch.Generator().manual_seed(seed)
+    device = next(lm.parameters()).device
+    out = ["{}"]
+    for i in range(count):
+        ids = torch.tensor([tokenizer(TEMPLATE_STARTS[i % len(TEMPLATE_STARTS)])["input_ids"]], device=device)
+        for _ in range(length):
+            logits = lm(input_ids=ids).logits[0, -1].float()
+            top = torch.topk(logits, 5)
+            pick = top.indices[torch.multinomial(torch.softmax(top.values, -1).cpu(), 1, generator=gen)]
+            ids = torch.cat([ids, pick.view(1, 1).to(device)], 1)
+        text = tokenizer.decode(ids[0], skip_special_tokens=True)
+        out.append(text.replace("{", " ").replace("}", " ") + ". {}")
+    return out
+
+
+# --- tokenised batches -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Sequence:
+    owner: int  # request index
+    tokens: Tokens
+    targets: list[int]  # continuation ids appended after the prompt ([] for KL and key prompts)
+    kind: str  # "rewrite" | "kl"
+
+    @property
+    def ids(self) -> list[int]:
+        return self.tokens.ids + self.targets
+
+
+def _rewrite_sequences(tokenizer: Any, requests: Sequence[FactRequest], templates: Sequence[str],
+                       owners: Sequence[int]) -> list[_Sequence]:
+    seqs = []
+    for owner in owners:
+        r = requests[owner]
+        target = target_ids(tokenizer, r.target_new)
+        for t in templates:
+            seqs.append(_Sequence(owner, subject_tokens(tokenizer, t.format(r.prompt), r.subject), target, "rewrite"))
+        seqs.append(_Sequence(owner, subject_tokens(tokenizer, KL_PROMPT, r.subject), [], "kl"))
+    return seqs
+
+
+def _block_output(value: Any) -> torch.Tensor:
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _with_block_output(value: Any, h: torch.Tensor) -> Any:
+    return (h, *value[1:]) if isinstance(value, tuple) else h
+
+
+def _final_hidden(lm: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The backbone's last hidden states (after the final norm): logits are then taken only where needed."""
+    backbone = lm.base_model
+    return backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+# --- z: target vectors -----------------------------------------------------------------------------------
+
+
+class _AddDelta:
+    """Adds each request's delta to a block's output at its subjects' last tokens; keeps the value before."""
+
+    def __init__(self, delta: torch.Tensor, rows: torch.Tensor, lookup: torch.Tensor, who: torch.Tensor) -> None:
+        self.delta, self.rows, self.lookup, self.who = delta, rows, lookup, who
+        self.h: torch.Tensor | None = None
+
+    def __call__(self, _name: str, value: Any) -> Any:
+        h = _block_output(value)
+        self.h = h[self.rows, self.lookup].detach().clone()
+        h = h.clone()
+        h[self.rows, self.lookup] = h[self.rows, self.lookup] + self.delta[self.who].to(h.dtype)
+        return _with_block_output(value, h)
+
+
+@dataclass
+class ZResult:
+    Z: torch.Tensor  # (n, hidden): the wanted block-L output at each subject's last token
+    steps: list[int]
+    losses: list[float]
+    seconds: float
+
+
+def compute_z(lm: nn.Module, tokenizer: Any, layout: LmLayout, hp: MemitHparams, requests: Sequence[FactRequest],
+              templates: Sequence[str], progress: EditProgress | None = None) -> ZResult:
+    started = time.perf_counter()
+    n = len(requests)
+    layer = layout.block_name(hp.layers[-1])
+    head = lm.get_output_embeddings()
+    device = next(lm.parameters()).device
+    Z = torch.zeros(n, layout.hidden)
+    steps, losses = [0] * n, [math.nan] * n
+    pad = pad_id(tokenizer)
+    total_steps = n * hp.v_steps
+    for chunk_start in range(0, n, Z_BATCH):
+        owners = list(range(chunk_start, min(n, chunk_start + Z_BATCH)))
+        seqs = _rewrite_sequences(tokenizer, requests, templates, owners)
+        local = {o: i for i, o in enumerate(owners)}
+        delta = torch.zeros(len(owners), layout.hidden, device=device, requires_grad=True)
+        opt = torch.optim.Adam([delta], lr=hp.v_lr)
+        h_init: torch.Tensor | None = None
+        kl_init: torch.Tensor | None = None
+        active = list(range(len(owners)))
+        for it in range(hp.v_steps):
+            batch = [s for s in seqs if local[s.owner] in active]
+            ids, mask = pad_batch([s.ids for s in batch], pad)
+            rows = torch.arange(len(batch))
+            lookup = torch.tensor([s.tokens.subject_last for s in batch])
+            who = torch.tensor([local[s.owner] for s in batch])
+            hook = _AddDelta(delta, rows, lookup, who)
+            with trace(lm, layer, retain_output=False, edit_output=hook):
+                final = _final_hidden(lm, ids.to(device), mask.to(device))
+            if h_init is None:  # the first step sees every request; its first sequence is the bare prompt
+                bare = [next(i for i, s in enumerate(batch) if s.owner == o) for o in owners]
+                assert hook.h is not None
+                h_init = hook.h[bare].to(device)
+            nll = torch.zeros(len(owners), device=device)
+            kl_rows, kl_owner = [], []
+            for i, s in enumerate(batch):
+                if s.kind == "kl":
+                    kl_rows.append(i)
+                    kl_owner.append(local[s.owner])
+                    continue
+                start = len(s.tokens.ids)
+                positions = torch.arange(start - 1, start - 1 + len(s.targets))
+                logp = torch.log_softmax(head(final[i, positions]).float(), -1)
+                nll_seq = -logp[torch.arange(len(s.targets)), torch.tensor(s.targets)].mean()
+                nll = nll.index_add(0, torch.tensor([local[s.owner]], device=device), nll_seq.view(1))
+            nll = nll / len(templates)
+            kl_logp = torch.log_softmax(head(final[kl_rows, lookup[kl_rows]]).float(), -1)
+            if kl_init is None:
+                kl_init = kl_logp.detach()
+            kl = (kl_logp.exp() * (kl_logp - kl_init[kl_owner])).sum(-1)
+            kl_full = torch.zeros(len(owners), device=device).index_add(0, torch.tensor(kl_owner, device=device), kl)
+            wd = delta.norm(dim=1) / h_init.norm(dim=1) ** 2
+            per = nll + hp.kl_factor * kl_full + hp.v_weight_decay * wd
+            for a in active:
+                steps[owners[a]], losses[owners[a]] = it + 1, float(per[a])
+            finished = [a for a in active if float(per[a]) < EARLY_STOP]
+            still = [a for a in active if a not in finished]
+            if progress is not None:
+                progress(sum(steps), total_steps, {"z_loss": float(per[active].mean())})
+            if not still or it == hp.v_steps - 1:
+                break
+            opt.zero_grad()
+            per[still].sum().backward()
+            kept = delta.detach()[finished].clone()
+            opt.step()
+            with torch.no_grad():
+                if finished:
+                    delta[finished] = kept  # Adam's momentum would keep moving a finished request
+                limit = hp.clamp_norm_factor * h_init.norm(dim=1)
+                norms = delta.norm(dim=1)
+                scale = torch.where(norms > limit, limit / norms.clamp_min(1e-12), torch.ones_like(norms))
+                delta.mul_(scale[:, None])
+            active = still
+        assert h_init is not None
+        Z[owners] = (h_init + delta.detach()).cpu().float()
+    return ZResult(Z, steps, losses, time.perf_counter() - started)
+
+
+# --- keys, current outputs, and the closed forms ---------------------------------------------------------
+
+
+@torch.no_grad()
+def keys_at(lm: nn.Module, tokenizer: Any, layout: LmLayout, layer: int, requests: Sequence[FactRequest],
+            templates: Sequence[str], batch: int = 64) -> torch.Tensor:
+    """K^T (n, key_dim): the down-projection's input at each subject's last token, averaged over templates."""
+    seqs = [subject_tokens(tokenizer, t.format(r.prompt), r.subject) for r in requests for t in templates]
+    name = layout.down_name(layer)
+    keys = _at_subjects(lm, tokenizer, name, seqs, batch, use_input=True)
+    return keys.view(len(requests), len(templates), -1).mean(1)
+
+
+@torch.no_grad()
+def outputs_at(lm: nn.Module, tokenizer: Any, layout: LmLayout, layer: int, requests: Sequence[FactRequest],
+               batch: int = 64) -> torch.Tensor:
+    """H (n, hidden): block `layer`'s output at each subject's last token in its bare prompt."""
+    seqs = [subject_tokens(tokenizer, r.prompt, r.subject) for r in requests]
+    return _at_subjects(lm, tokenizer, layout.block_name(layer), seqs, batch, use_input=False)
+
+
+def _at_subjects(lm: nn.Module, tokenizer: Any, name: str, seqs: Sequence[Tokens], batch: int,
+                 use_input: bool) -> torch.Tensor:
+    device = next(lm.parameters()).device
+    out = []
+    for s in range(0, len(seqs), batch):
+        chunk = seqs[s : s + batch]
+        ids, mask = pad_batch([t.ids for t in chunk], pad_id(tokenizer))
+        with trace(lm, name, retain_input=use_input, retain_output=not use_input, stop=True) as traced:
+            lm(input_ids=ids.to(device), attention_mask=mask.to(device))
+        value = traced[name].input if use_input else _block_output(traced[name].output)
+        out.append(value[torch.arange(len(chunk)), torch.tensor([t.subject_last for t in chunk])].float().cpu())
+    return torch.cat(out)
+
+
+def memit_delta(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor:
+    """Delta = R K^T (lam C + K K^T)^-1 (MEMIT eq. 14), in float64.
+
+    K: (key_dim, n) keys, R: (hidden, n) residuals, C: (key_dim, key_dim). Returns (hidden, key_dim), the
+    minimiser of ||(W + Delta) K - (W K + R)||^2 + lam tr(Delta C Delta^T)."""
+    K, R, C = K.double(), R.double(), C.double()
+    adj = torch.linalg.solve(lam * C + K @ K.T, K)  # (key_dim, n) = (lam C + K K^T)^-1 K
+    return R @ adj.T
+
+
+def null_space_projector(C: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
+    """AlphaEdit's P = U0 U0^T, U0 the singular vectors of C whose singular values are below `threshold`;
+    and the null space's dimension."""
+    U, S, _ = torch.linalg.svd(C.double(), full_matrices=False)
+    U0 = U[:, S.lt(threshold)]
+    return U0 @ U0.T, int(U0.shape[1])
+
+
+def alphaedit_delta(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, C_prev: torch.Tensor,
+                    l2: float) -> torch.Tensor:
+    """Delta = [(P (K K^T + C_prev) + l2 I)^-1 P K R^T]^T (AlphaEdit eq. 8 as in its code), (hidden, key_dim)."""
+    K, R, P, C_prev = K.double(), R.double(), P.double(), C_prev.double()
+    eye = torch.eye(K.shape[0], dtype=torch.float64)
+    return torch.linalg.solve(P @ (K @ K.T + C_prev) + l2 * eye, P @ K @ R.T).T
+
+
+def _weight_hash(W: torch.Tensor) -> str:
+    return hashlib.sha256(W.detach().float().contiguous().numpy().tobytes()).hexdigest()[:32]
+
+
+def _prev_path(stats_dir: Path, W: torch.Tensor) -> Path:
+    return stats_dir / "alphaedit-prev" / f"{_weight_hash(W)}.safetensors"
+
+
+def _load_prev(stats_dir: str | None, W: torch.Tensor, key_dim: int) -> torch.Tensor:
+    """K K^T of the AlphaEdit edits that produced this weight (zero for a weight no AlphaEdit wrote)."""
+    if stats_dir is not None:
+        path = _prev_path(Path(stats_dir), W)
+        if path.is_file():
+            from safetensors.torch import load_file
+
+            return load_file(str(path))["C_prev"]
+    return torch.zeros(key_dim, key_dim)
+
+
+def _save_prev(stats_dir: str | None, W: torch.Tensor, C_prev: torch.Tensor) -> None:
+    if stats_dir is None:
+        return
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    path = _prev_path(Path(stats_dir), W)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".partial-", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({"C_prev": C_prev.float().contiguous()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+# --- the edit --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timings:
+    stats_s: float = 0.0
+    templates_s: float = 0.0
+    z_s: float = 0.0
+    solve_s: float = 0.0  # keys, residuals and the closed form, all layers
+
+
+def _check_model(model: LoadedModel) -> tuple[nn.Module, Any]:
+    if model.family != "lm":
+        raise BadInput(f"{model.ref} is a {model.family} model; MEMIT edits language models")
+    if model.tokenizer is None:
+        raise BadInput(f"{model.ref} has no tokenizer: MEMIT needs one to find subjects and targets in text")
+    return model.pipeline, model.tokenizer
+
+
+def run_memit(model: LoadedModel, request: MemitRequest, method: str = "memit",
+              progress: EditProgress | None = None) -> EditResult:
+    """Validate, compute statistics, z, and the per-layer updates; leave the edited weights in the model."""
+    if not isinstance(request, MemitRequest):
+        raise BadInput(f"{method} takes a MemitRequest, not {type(request).__name__}")
+    if not request.requests:
+        raise BadInput(f"{method} needs at least one request")
+    for i, r in enumerate(request.requests):
+        r.validate(f"request {i + 1}")
+    lm, tokenizer = _check_model(model)
+    layout = layout_of(lm, request.block_template, request.down_proj_template)
+    hp = resolve_hparams(request, layout)
+    corpus = Path(request.stats_corpus) if request.stats_corpus else None
+    if corpus is not None and not corpus.is_file():
+        raise BadInput(f"statistics corpus {corpus} is not a file")
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    requests = list(request.requests)
+    timings = Timings()
+    dtype = getattr(torch, hp.stats_dtype)
+
+    started = time.perf_counter()
+    stats = second_moments(
+        lm, tokenizer, [layout.down_name(x) for x in hp.layers], layout.key_dim, samples=hp.stats_samples,
+        corpus=corpus, model_hash=request.model_hash,
+        cache_dir=Path(request.stats_dir) if request.stats_dir else None, dtype=dtype,
+        progress=None if progress is None else lambda done, total: progress(done, total, {"stats_tokens": done}),
+    )
+    timings.stats_s = time.perf_counter() - started
+
+    started = time.perf_counter()
+    templates = context_templates(lm, tokenizer, hp.template_count, hp.template_length, hp.seed)
+    timings.templates_s = time.perf_counter() - started
+    z = compute_z(lm, tokenizer, layout, hp, requests, templates, progress)
+    timings.z_s = z.seconds
+
+    started = time.perf_counter()
+    per_layer = {}
+    for i, layer in enumerate(hp.layers):
+        K = keys_at(lm, tokenizer, layout, layer, requests, templates).T  # (key_dim, n)
+        H = outputs_at(lm, tokenizer, layout, hp.layers[-1], requests)  # (n, hidden)
+        R = ((z.Z - H) / (len(hp.layers) - i)).T  # (hidden, n)
+        weight = lm.get_submodule(layout.down_name(layer)).weight
+        C = stats[layout.down_name(layer)].C
+        if method == "alphaedit":
+            P, null_dim = null_space_projector(C, hp.nullspace_threshold)
+            C_prev = _load_prev(request.stats_dir, weight, layout.key_dim)
+            delta = alphaedit_delta(K, R, P, C_prev, hp.l2)
+        else:
+            delta = memit_delta(K, R, C, hp.lam)
+            null_dim = None
+        with torch.no_grad():
+            weight += (delta.T if layout.weight_is_input_major else delta).to(weight.dtype)
+        if method == "alphaedit":
+            # AlphaEdit's cache_c: later edits of this weight keep these keys' outputs in place too
+            _save_prev(request.stats_dir, weight, C_prev + K.double() @ K.double().T)
+        per_layer[str(layer)] = {
+            "residual_norm": round(float(R.norm(dim=0).mean()) * (len(hp.layers) - i), 4),
+            "delta_norm": round(float(delta.norm()), 4),
+            "weight_norm": round(float(weight.norm()), 4),
+            **({"null_space_dim": null_dim} if null_dim is not None else {}),
+        }
+        if progress is not None:
+            progress(i + 1, len(hp.layers), {"layer": float(layer)})
+    timings.solve_s = time.perf_counter() - started
+
+    params = {
+        "method": method,
+        "hparams": asdict(hp),
+        "layout": asdict(layout),
+        "context_templates": templates,
+        "stats": {
+            "corpus": str(corpus) if corpus else "self-generated",
+            "model_hash": request.model_hash,
+        },
+    }
+    metrics = {
+        "edits": len(requests),
+        "timings_s": {k: round(v, 3) for k, v in asdict(timings).items()},
+        "stats": {
+            m: {"cached": s.cached, "tokens": s.count, "seconds": round(s.seconds, 3)} for m, s in stats.items()
+        },
+        "z_steps_mean": round(sum(z.steps) / len(z.steps), 2),
+        "z_loss_mean": round(sum(z.losses) / len(z.losses), 4),
+        "layers": per_layer,
+    }
+    return EditResult(changed={}, params=params, metrics=metrics)
+
+
+def edited_tensors(model: LoadedModel, request: Any) -> list[str]:
+    """The registry names of the down-projection weights `request` edits (validating it on the way)."""
+    if not isinstance(request, MemitRequest):
+        raise BadInput(f"MEMIT takes a MemitRequest, not {type(request).__name__}")
+    lm, _ = _check_model(model)
+    layout = layout_of(lm, request.block_template, request.down_proj_template)
+    return [layout.weight_name(x) for x in resolve_hparams(request, layout).layers]
+
+
+class MemitEditor:
+    """`zoo edit memit`: many facts at once into the MLP down-projections of a causal LM."""
+
+    name: ClassVar[str] = "memit"
+    families: ClassVar[tuple[str, ...]] = ("lm",)
+
+    def edit(self, model: LoadedModel, request: Any, progress: EditProgress | None = None) -> EditResult:
+        names = edited_tensors(model, request)
+        before = {n: model.tensor(n).detach().clone() for n in names}
+        result = run_memit(model, request, self.name, progress)
+        result.changed = changed_tensors(model, names, before)
+        return result
+
+
+class AlphaEditEditor(MemitEditor):
+    """`zoo edit memit --method alphaedit`: MEMIT's keys and z, the update projected onto C's null space."""
+
+    name: ClassVar[str] = "alphaedit"
