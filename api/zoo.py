@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from modelzoo.editors.apply import apply_edit
 from modelzoo.editors.base import EditProgress
 from modelzoo.registry import integrity, queries
 from modelzoo.registry import lineage as lineage_queries
+from modelzoo.registry.errors import BadInput, ZooError
 from modelzoo.registry.exporter import export_version
 from modelzoo.registry.families.base import LoadedModel, Sample, get_family
 from modelzoo.registry.importer import import_path
@@ -29,6 +32,30 @@ from modelzoo.registry.records import (
 )
 from modelzoo.registry.settings import Settings
 from modelzoo.registry.store import Progress, Registry
+from modelzoo.search.embedders import DEFAULT_ENCODER, load_embedder
+from modelzoo.search.engine import (
+    DEFAULT_CANDIDATES,
+    SearchFilter,
+    SearchHit,
+    SearchQuery,
+    current_index,
+    indexed_encoders,
+    read_image,
+    search_encoder,
+)
+from modelzoo.search.engine import search as search_versions
+from modelzoo.search.indexer import (
+    DEFAULT_RANK,
+    DEFAULT_SAMPLES,
+    IndexedVersion,
+    IndexProgress,
+    index_version,
+    indexable_versions,
+    parent_specs,
+    sample_spec,
+)
+
+log = logging.getLogger(__name__)
 
 
 class Zoo:
@@ -108,7 +135,80 @@ class Zoo:
         progress: EditProgress | None = None,
     ) -> VersionInfo:
         """Edit `ref` with an editor plugin (uce, esd, memit, alphaedit, warp, ...) and register the child."""
-        return apply_edit(self.registry, ref, method, request, name=name, device=device, progress=progress)
+        child = apply_edit(self.registry, ref, method, request, name=name, device=device, progress=progress)
+        self._index_like_parent(ref, child, device)
+        return child
+
+    def _index_like_parent(self, parent: str, child: VersionInfo, device: str) -> None:
+        """An edit of an indexed version is indexed the same way, so search sees it at once. The edit is
+        already registered: a failure here is reported, not raised."""
+        for encoder_id, encoder_hash, spec, rank in parent_specs(self.registry, self.registry.info(parent).id):
+            try:
+                encoder = load_embedder(encoder_id, self.registry, device)
+                if encoder.weights_hash == encoder_hash:
+                    index_version(self.registry, encoder, child, spec, rank, device=device)
+                else:
+                    log.warning("not indexing %s: encoder %s has changed", child.ref, encoder_id)
+            except ZooError as error:
+                log.warning("could not index %s with %s: %s", child.ref, encoder_id, error)
+
+    def index(
+        self,
+        refs: Sequence[str] | None = None,
+        *,
+        encoder: str | None = None,
+        samples: int = DEFAULT_SAMPLES,
+        prompts: Sequence[str] | None = None,
+        rank: int = DEFAULT_RANK,
+        first_seed: int = 0,
+        options: Mapping[str, Any] | None = None,
+        batch_size: int = 32,
+        device: str = "cpu",
+        progress: IndexProgress | None = None,
+    ) -> list[IndexedVersion]:
+        """Sample, embed and store moments for `refs` (default: every live diffusion, GAN and LM version)
+        that are not yet indexed with this encoder and sample spec, then refresh the search index.
+
+        `encoder` defaults to the one the registry is already indexed with, else DEFAULT_ENCODER."""
+        if rank < 0:
+            raise BadInput(f"--rank must be >= 0, got {rank}")
+        if encoder is None:
+            known = {e.encoder_id for e in indexed_encoders(self.registry)}
+            encoder = known.pop() if len(known) == 1 else DEFAULT_ENCODER
+        clip = load_embedder(encoder, self.registry, device)
+        targets = [self.registry.info(r) for r in refs] if refs else indexable_versions(self.registry)
+        specs = [sample_spec(i.family, samples, prompts, first_seed, dict(options or {})) for i in targets]
+        done = [
+            index_version(self.registry, clip, info, spec, rank, batch_size, progress, device)
+            for info, spec in zip(targets, specs, strict=True)
+        ]
+        if done:
+            current_index(self.registry, clip.weights_hash)
+        return done
+
+    def search(
+        self,
+        *,
+        text: Sequence[str] = (),
+        image: Sequence[str | Path | np.ndarray] = (),
+        sketch: Sequence[str | Path | np.ndarray] = (),
+        like: Sequence[str] = (),
+        top_k: int = 10,
+        family: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        encoder: str | None = None,
+        candidates: int = DEFAULT_CANDIDATES,
+        device: str = "cpu",
+    ) -> list[SearchHit]:
+        """Versions ranked by how well their samples match the query (any mix of parts), best first."""
+        as_array = lambda x: x if isinstance(x, np.ndarray) else read_image(x)  # noqa: E731
+        query = SearchQuery(tuple(text), tuple(map(as_array, image)), tuple(map(as_array, sketch)), tuple(like))
+        if query.parts() == 0:
+            raise BadInput("empty query: give --text, --image, --sketch or --like")
+        needs_model = bool(query.texts or query.images or query.sketches)
+        encoder_hash, clip = search_encoder(self.registry, encoder, needs_model, device)
+        filters = SearchFilter(family, dict(tags or {}))
+        return search_versions(self.registry, query, encoder_hash, clip, top_k, filters, candidates)
 
     def lineage(self, ref: str) -> Lineage:
         return lineage_queries.lineage(self.registry, ref)

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 import modelzoo
-from modelzoo.cli import demo, sample
+from modelzoo.cli import demo, sample, search
 from modelzoo.cli.edit import edit_app
 from modelzoo.cli.output import byte_progress, console, emit, errors, human_bytes, table
 from modelzoo.registry.errors import BadInput, NotFound, ZooError
@@ -285,6 +285,7 @@ def alias_history(target: Annotated[str, typer.Argument(help="NAME@ALIAS")], as_
 
 sample.register(app)
 demo.register(app)
+search.register(app)
 
 
 def run(argv: list[str] | None = None) -> Any:

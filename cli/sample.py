@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemaining
 
 from modelzoo.cli.output import console, emit, errors
 from modelzoo.registry.errors import BadInput
-from modelzoo.registry.families.base import Family, Sample, get_family
+from modelzoo.registry.families.base import Family, Sample, contact_sheet, get_family
 from modelzoo.registry.records import VersionInfo
 
 MAX_SEED = 2**32  # seeds are numpy RandomState seeds (latents_for_seeds), as in the official generators
@@ -82,18 +81,6 @@ def check_family_accepts(family: Family, info: VersionInfo, prompt: str | None, 
     except TypeError:
         flags = " ".join(f"--{name}" for name in options)
         raise BadInput(f"{info.ref} is a {info.family} model and takes no {flags}") from None
-
-
-def contact_sheet(images: Sequence[np.ndarray]) -> Image.Image:
-    """Images (uint8 HxWx3) tiled row by row in a near-square grid, each in a cell of the largest size."""
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    cell_h = max(im.shape[0] for im in images)
-    cell_w = max(im.shape[1] for im in images)
-    sheet = Image.new("RGB", (cols * cell_w, rows * cell_h))
-    for i, im in enumerate(images):
-        sheet.paste(Image.fromarray(im), ((i % cols) * cell_w, (i // cols) * cell_h))
-    return sheet
 
 
 @dataclass

@@ -7,7 +7,7 @@ from sqlalchemy import delete, select, text, update
 from modelzoo.registry.blobs import TEMP_PREFIX
 from modelzoo.registry.records import DamagedBlob, GcReport, VerifyReport
 from modelzoo.registry.refs import resolve
-from modelzoo.registry.schema import Blob, ManifestEntry, Model, Version
+from modelzoo.registry.schema import Blob, Embedding, ManifestEntry, Model, Version
 from modelzoo.registry.store import GC_LOCK_KEY, Registry
 
 DEFAULT_GRACE_S = 3600.0
@@ -55,6 +55,7 @@ def gc(registry: Registry, purge_deleted: bool = False, grace_s: float = DEFAULT
         if purge_deleted:
             deleted = select(Version.id).where(Version.status == "deleted")
             session.execute(delete(ManifestEntry).where(ManifestEntry.version_id.in_(deleted)))
+            session.execute(delete(Embedding).where(Embedding.version_id.in_(deleted)))
             purge = update(Version).where(Version.status == "deleted").values(status="purged")
             purged = session.execute(purge).rowcount
         referenced = select(ManifestEntry.blob_sha256)

@@ -10,7 +10,18 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -144,3 +155,32 @@ class AuditEvent(Base):
     name: Mapped[str] = mapped_column(String(128))
     value: Mapped[str | None] = mapped_column(String(512))
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Embedding(Base):
+    """A version's sample moments under one encoder: what content-based search scores.
+
+    `encoder_hash` pins the exact encoder weights (moments from different encoders are never compared);
+    `spec_hash` pins what was sampled (`sample_spec`: prompts, seeds, count). The moments are float32
+    mean and diagonal and a float16 (dim, rank) covariance factor, little-endian bytes. Search indexes on
+    disk are caches of these rows and are rebuilt from them.
+    """
+
+    __tablename__ = "embeddings"
+    __table_args__ = (UniqueConstraint("version_id", "encoder_hash", "spec_hash"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), index=True)
+    encoder_id: Mapped[str] = mapped_column(String(256))
+    encoder_hash: Mapped[str] = mapped_column(String(64), index=True)
+    spec_hash: Mapped[str] = mapped_column(String(64))
+    sample_spec: Mapped[dict[str, Any]]
+    count: Mapped[int]
+    dim: Mapped[int]
+    rank: Mapped[int]
+    mean: Mapped[bytes] = mapped_column(LargeBinary)
+    factor: Mapped[bytes] = mapped_column(LargeBinary)
+    diag: Mapped[bytes] = mapped_column(LargeBinary)
+    thumbnail: Mapped[str] = mapped_column(String(512), default="")
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

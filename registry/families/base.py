@@ -11,6 +11,7 @@ Tensor names are the registry's: `unet/down_blocks.0...attn2.to_k.weight` for a 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -18,6 +19,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from PIL import Image
 
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.records import VersionInfo
@@ -68,6 +70,18 @@ class Sample:
     prompt: str | None
     image: np.ndarray | None = None
     text: str | None = None
+
+
+def contact_sheet(images: Sequence[np.ndarray]) -> Image.Image:
+    """Images (uint8 HxWx3) tiled row by row in a near-square grid, each in a cell of the largest size."""
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    cell_h = max(im.shape[0] for im in images)
+    cell_w = max(im.shape[1] for im in images)
+    sheet = Image.new("RGB", (cols * cell_w, rows * cell_h))
+    for i, im in enumerate(images):
+        sheet.paste(Image.fromarray(im), ((i % cols) * cell_w, (i // cols) * cell_h))
+    return sheet
 
 
 @runtime_checkable

@@ -113,7 +113,7 @@ def clip_weights_hash(config: ClipConfig, tensor_shas: Mapping[str, str]) -> str
     return h.hexdigest()
 
 
-def _digest(tensor: Tensor) -> str:
+def tensor_sha(tensor: Tensor) -> str:
     return tensor_digest(dtype_name(tensor.dtype), tuple(tensor.shape), tensor_bytes(tensor))
 
 
@@ -223,7 +223,7 @@ def load_clip(directory: str | Path, device: str = "cpu") -> ClipEncoder:
     config = ClipConfig.from_json(json.loads((root / CONFIG_FILE).read_text()))
     tensors = {info.name: tensor for info, tensor in iter_tensors(root / WEIGHTS_FILE)}
     model = clip_from_tensors(config, tensors, str(root), device)
-    digests = {name: _digest(t) for name, t in tensors.items()}
+    digests = {name: tensor_sha(t) for name, t in tensors.items()}
     return ClipEncoder(model, config, str(root.resolve()), clip_weights_hash(config, digests))
 
 

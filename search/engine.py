@@ -1,0 +1,313 @@
+"""Content-based search: encode the query, take candidates from FAISS, rerank them exactly by moments.
+
+A query is any mix of texts, images, sketches and models ("like REF"); each part scores every candidate
+on a log scale (search/moments.py) and the parts add up, so "a red circle" plus a photo ranks models by
+how well they explain both. Metadata filters (family, tags) restrict the candidates inside FAISS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from sqlalchemy import and_, exists, func, or_, select
+
+from modelzoo.registry.errors import BadInput, NotFound
+from modelzoo.registry.families.clip import ClipEncoder
+from modelzoo.registry.refs import resolve
+from modelzoo.registry.schema import Embedding, Model, Tag, Version
+from modelzoo.registry.store import Registry
+from modelzoo.search.index import Fingerprint, MomentIndex, open_index, write_index
+from modelzoo.search.indexer import decode_moments
+from modelzoo.search.moments import MomentBatch, Moments, density_scores, frechet_distances, text_scores
+
+DEFAULT_CANDIDATES = 100
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    """Texts, images, sketches (uint8 HxWx3 arrays) and model refs; at least one of them."""
+
+    texts: tuple[str, ...] = ()
+    images: tuple[np.ndarray, ...] = ()
+    sketches: tuple[np.ndarray, ...] = ()
+    like: tuple[str, ...] = ()
+
+    def parts(self) -> int:
+        return len(self.texts) + len(self.images) + len(self.sketches) + len(self.like)
+
+
+@dataclass(frozen=True)
+class SearchFilter:
+    family: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    rank: int
+    ref: str
+    model: str
+    version: int
+    family: str
+    score: float
+    scores: dict[str, float]
+    thumbnail: str
+    embedding_id: int
+
+
+@dataclass(frozen=True)
+class IndexedEncoder:
+    encoder_id: str
+    encoder_hash: str
+    versions: int
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise BadInput(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise BadInput(f"cannot read image {path}: {e}") from None
+
+
+def indexed_encoders(registry: Registry) -> list[IndexedEncoder]:
+    with registry.db.read() as session:
+        rows = session.execute(
+            select(Embedding.encoder_id, Embedding.encoder_hash, func.count(func.distinct(Embedding.version_id)))
+            .group_by(Embedding.encoder_id, Embedding.encoder_hash)
+            .order_by(Embedding.encoder_id)
+        ).all()
+    return [IndexedEncoder(e, h, int(n)) for e, h, n in rows]
+
+
+def index_dir(registry: Registry, encoder_hash: str) -> Path:
+    return registry.settings.home / "search" / encoder_hash[:16]
+
+
+def fingerprint(registry: Registry, encoder_hash: str) -> Fingerprint:
+    with registry.db.read() as session:
+        count, max_id, id_sum = session.execute(
+            select(func.count(Embedding.id), func.max(Embedding.id), func.sum(Embedding.id)).where(
+                Embedding.encoder_hash == encoder_hash
+            )
+        ).one()
+    return Fingerprint(int(count), int(max_id or 0), int(id_sum or 0))
+
+
+def current_index(registry: Registry, encoder_hash: str) -> MomentIndex:
+    """The on-disk index for this encoder if it matches the database, else one rebuilt from it."""
+    expected = fingerprint(registry, encoder_hash)
+    directory = index_dir(registry, encoder_hash)
+    found = open_index(directory, encoder_hash)
+    if found is not None and found.fingerprint == expected:
+        return found
+    return rebuild_index(registry, encoder_hash, expected)
+
+
+def rebuild_index(registry: Registry, encoder_hash: str, expected: Fingerprint | None = None) -> MomentIndex:
+    expected = expected or fingerprint(registry, encoder_hash)
+    with registry.db.read() as session:
+        rows = session.scalars(
+            select(Embedding).where(Embedding.encoder_hash == encoder_hash).order_by(Embedding.id)
+        ).all()
+        moments = [decode_moments(r) for r in rows]
+        ids = np.array([r.id for r in rows], dtype=np.int64)
+    if not moments:
+        raise NotFound("no version is indexed with this encoder; run `zoo index` first")
+    batch = MomentBatch.of(moments)
+    return write_index(
+        index_dir(registry, encoder_hash), encoder_hash, expected, ids, batch.mean.numpy(), batch.factor.numpy(),
+        batch.diag.numpy(),
+    )
+
+
+def _allowed_ids(registry: Registry, encoder_hash: str, filters: SearchFilter) -> np.ndarray:
+    """Embedding ids of live versions that pass the filters."""
+    statement = (
+        select(Embedding.id)
+        .join(Version, Version.id == Embedding.version_id)
+        .join(Model, Model.id == Version.model_id)
+        .where(Embedding.encoder_hash == encoder_hash, Version.status == "ready")
+    )
+    if filters.family:
+        statement = statement.where(Model.family == filters.family)
+    for key, value in filters.tags.items():
+        tagged = and_(
+            Tag.model_id == Model.id, Tag.key == key, Tag.value == value,
+            or_(Tag.version_id.is_(None), Tag.version_id == Version.id),
+        )
+        statement = statement.where(exists().where(tagged))
+    with registry.db.read() as session:
+        return np.array(sorted(session.scalars(statement)), dtype=np.int64)
+
+
+def _model_moments(registry: Registry, ref: str, encoder_hash: str) -> Moments:
+    with registry.db.read() as session:
+        version = resolve(session, ref)
+        row = session.scalars(
+            select(Embedding)
+            .where(Embedding.version_id == version.id, Embedding.encoder_hash == encoder_hash)
+            .order_by(Embedding.id.desc())
+        ).first()
+        if row is None:
+            raise BadInput(f"{ref} is not indexed with this encoder; run `zoo index {ref}` first")
+        return decode_moments(row)
+
+
+@dataclass(frozen=True)
+class _Part:
+    name: str
+    vector: np.ndarray  # what FAISS searches with: a feature, or a model's normalised mean
+    kind: str  # text | image | model
+    moments: Moments | None = None
+
+
+def _encode(registry: Registry, query: SearchQuery, encoder: ClipEncoder | None, encoder_hash: str) -> list[_Part]:
+    if query.parts() == 0:
+        raise BadInput("empty query: give --text, --image, --sketch or --like")
+    if any(not t.strip() for t in query.texts):
+        raise BadInput("empty text query")
+    needs_encoder = query.texts or query.images or query.sketches
+    if needs_encoder and encoder is None:
+        raise BadInput("text and image queries need an encoder")
+    parts: list[_Part] = []
+    if query.texts:
+        assert encoder is not None
+        for text, feature in zip(query.texts, encoder.encode_texts(list(query.texts)), strict=True):
+            parts.append(_Part(f"text:{text}", feature, "text"))
+    for label, images in (("image", query.images), ("sketch", query.sketches)):
+        if images:
+            assert encoder is not None
+            for i, feature in enumerate(encoder.encode_images(np.stack([_same_size(im, images[0]) for im in images]))):
+                parts.append(_Part(f"{label}:{i}", feature, "image"))
+    for ref in query.like:
+        m = _model_moments(registry, ref, encoder_hash)
+        parts.append(_Part(f"like:{ref}", m.mean / max(np.linalg.norm(m.mean), 1e-12), "model", m))
+    return parts
+
+
+def _same_size(image: np.ndarray, first: np.ndarray) -> np.ndarray:
+    if image.shape == first.shape:
+        return image
+    return np.asarray(Image.fromarray(image).resize((first.shape[1], first.shape[0]), Image.BICUBIC))
+
+
+def score_parts(parts: Sequence[_Part], batch: MomentBatch, tau: float) -> dict[str, np.ndarray]:
+    scores: dict[str, np.ndarray] = {}
+    for part in parts:
+        if part.kind == "text":
+            scores[part.name] = text_scores(batch, part.vector, tau)
+        elif part.kind == "image":
+            scores[part.name] = density_scores(batch, part.vector)
+        else:
+            assert part.moments is not None
+            scores[part.name] = -frechet_distances(part.moments, batch)
+    return scores
+
+
+def search(
+    registry: Registry,
+    query: SearchQuery,
+    encoder_hash: str,
+    encoder: ClipEncoder | None = None,
+    top_k: int = 10,
+    filters: SearchFilter | None = None,
+    candidates: int = DEFAULT_CANDIDATES,
+    tau: float | None = None,
+) -> list[SearchHit]:
+    """The `top_k` live versions best matching `query`, best first."""
+    if top_k < 1:
+        raise BadInput(f"--top-k must be at least 1, got {top_k}")
+    filters = filters or SearchFilter()
+    parts = _encode(registry, query, encoder, encoder_hash)
+    index = current_index(registry, encoder_hash)
+    allowed = None
+    if filters.family or filters.tags:
+        allowed = index.positions_of(_allowed_ids(registry, encoder_hash, filters))
+    pool = max(candidates, 4 * top_k)
+    positions = index.candidates(np.stack([p.vector for p in parts]), pool, allowed)
+    if len(positions) == 0:
+        return []
+    batch = index.moments(positions)
+    scale = tau if tau is not None else (encoder.logit_scale if encoder is not None else 100.0)
+    per_part = score_parts(parts, batch, scale)
+    total = np.sum(list(per_part.values()), axis=0)
+    order = np.argsort(-total, kind="stable")
+    return _hits(registry, index.rows[positions], total, per_part, order, top_k)
+
+
+def _hits(
+    registry: Registry,
+    embedding_ids: np.ndarray,
+    total: np.ndarray,
+    per_part: dict[str, np.ndarray],
+    order: np.ndarray,
+    top_k: int,
+) -> list[SearchHit]:
+    wanted = [int(embedding_ids[i]) for i in order]
+    with registry.db.read() as session:
+        rows = session.execute(
+            select(Embedding.id, Embedding.version_id, Embedding.thumbnail, Version.number, Version.status,
+                   Model.name, Model.family)
+            .join(Version, Version.id == Embedding.version_id)
+            .join(Model, Model.id == Version.model_id)
+            .where(Embedding.id.in_(wanted))
+        ).all()
+    by_id = {r.id: r for r in rows}
+    hits: list[SearchHit] = []
+    seen: set[int] = set()
+    for i in order:
+        row = by_id.get(int(embedding_ids[i]))
+        if row is None or row.status != "ready" or row.version_id in seen:
+            continue  # deleted since indexing, or a second embedding of a version already listed
+        seen.add(row.version_id)
+        hits.append(SearchHit(
+            rank=len(hits) + 1, ref=f"{row.name}@{row.number}", model=row.name, version=row.number,
+            family=row.family, score=float(total[i]), scores={k: float(v[i]) for k, v in per_part.items()},
+            thumbnail=row.thumbnail, embedding_id=row.id,
+        ))
+        if len(hits) == top_k:
+            break
+    return hits
+
+
+def search_encoder(
+    registry: Registry, spec: str | None, needs_model: bool, device: str = "cpu"
+) -> tuple[str, ClipEncoder | None]:
+    """The encoder hash to search under and, when text or images must be encoded, the encoder itself.
+
+    Without a spec the one encoder the registry is indexed with is used; an encoder whose weights no
+    longer match the stored hash is refused (its features would not be comparable)."""
+    from modelzoo.search.embedders import load_embedder  # noqa: PLC0415 (open_clip is heavy)
+
+    indexed = indexed_encoders(registry)
+    listing = ", ".join(f"{e.encoder_id} ({e.versions} versions)" for e in indexed) or "none"
+    if spec is not None:
+        encoder = load_embedder(spec, registry, device)
+        if not any(e.encoder_hash == encoder.weights_hash for e in indexed):
+            raise BadInput(
+                f"no version is indexed with encoder {spec} (weights {encoder.weights_hash[:12]}); indexed: "
+                f"{listing}; run `zoo index --encoder {spec}`"
+            )
+        return encoder.weights_hash, encoder
+    hashes = {e.encoder_hash for e in indexed}
+    if not hashes:
+        raise BadInput("nothing is indexed yet; run `zoo index --encoder SPEC` first")
+    if len(hashes) > 1:
+        raise BadInput(f"versions are indexed with several encoders ({listing}); choose one with --encoder")
+    chosen = indexed[0]
+    if not needs_model:
+        return chosen.encoder_hash, None
+    encoder = load_embedder(chosen.encoder_id, registry, device)
+    if encoder.weights_hash != chosen.encoder_hash:
+        raise BadInput(
+            f"encoder {chosen.encoder_id} has other weights than when the index was built; "
+            f"re-run `zoo index --encoder {chosen.encoder_id}`"
+        )
+    return chosen.encoder_hash, encoder

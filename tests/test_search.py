@@ -1,0 +1,153 @@
+"""Indexing and searching a registry end to end on tiny random models, and the index's exactness."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.stats import multivariate_normal
+
+import modelzoo
+from modelzoo.demo.train_clip import CLIP_CONFIG
+from modelzoo.registry.families.clip import build_clip, save_clip
+from modelzoo.registry.families.gan import save_gan
+from modelzoo.registry.families.stylegan import Generator, StyleGanConfig
+from modelzoo.search import engine
+from modelzoo.search.indexer import SampleSpec, store_embedding
+from modelzoo.search.moments import moments_of
+from tests.cli_helpers import snapshot, zoo_cli
+
+TINY = StyleGanConfig.tiny()
+
+
+@pytest.fixture
+def world(zoo: modelzoo.Zoo, tmp_path: Path) -> modelzoo.Zoo:
+    """A random CLIP and three random tiny GANs, the GANs indexed with 24 samples each."""
+    torch.manual_seed(0)
+    zoo.import_(save_clip(build_clip(CLIP_CONFIG.model_cfg), CLIP_CONFIG, tmp_path / "clip"), name="clip")
+    for i, name in enumerate(["gan-a", "gan-b", "gan-c"]):
+        torch.manual_seed(10 + i)
+        G = Generator(TINY)
+        zoo.import_(save_gan(G, TINY, tmp_path / name), name=name, tags={"slice": name[-1]})
+    done = zoo.index(encoder="zoo:clip", samples=24, rank=4)
+    assert [d.ref for d in done] == ["gan-a@1", "gan-b@1", "gan-c@1"] and not any(d.skipped for d in done)
+    return zoo
+
+
+def test_a_model_query_finds_that_model_first_and_scores_are_minus_frechet(world: modelzoo.Zoo) -> None:
+    hits = world.search(like=["gan-b"], top_k=3)
+    assert [h.ref for h in hits][0] == "gan-b@1"
+    assert hits[0].score == pytest.approx(0.0, abs=1e-4)
+    assert all(h.score < -1e-6 for h in hits[1:]) and Path(hits[0].thumbnail).is_file()
+
+
+def test_indexing_is_incremental_and_an_edit_of_an_indexed_version_is_indexed_at_once(world: modelzoo.Zoo) -> None:
+    assert all(d.skipped for d in world.index(samples=24, rank=4))
+    name = "synthesis.b4.torgb.weight"  # not demodulated: negating it inverts the colours
+    weight = world.tensors("gan-a", [name])[name]
+    world.registry.commit("gan-a", {name: -weight}, "manual")
+    again = world.index(samples=24, rank=4)
+    assert [d.ref for d in again if not d.skipped] == ["gan-a@2"]
+    assert world.search(like=["gan-a@2"], top_k=1)[0].ref == "gan-a@2"
+
+
+def test_filters_restrict_results_and_deleted_versions_disappear(world: modelzoo.Zoo) -> None:
+    assert [h.ref for h in world.search(like=["gan-a"], tags={"slice": "c"})] == ["gan-c@1"]
+    assert world.search(like=["gan-a"], family="lm") == []
+    world.delete("gan-b")
+    assert "gan-b@1" not in [h.ref for h in world.search(like=["gan-a"])]
+
+
+def test_a_stale_or_damaged_index_is_rebuilt_from_the_database(world: modelzoo.Zoo) -> None:
+    encoder_hash = engine.indexed_encoders(world.registry)[0].encoder_hash
+    directory = engine.index_dir(world.registry, encoder_hash)
+    expected = [h.ref for h in world.search(like=["gan-a"])]
+    (directory / "factors.npy").write_bytes(b"garbage")
+    assert [h.ref for h in world.search(like=["gan-a"])] == expected
+    (directory / "meta.json").write_text('{"format": 1, "encoder_hash": "other"}')
+    assert [h.ref for h in world.search(like=["gan-a"])] == expected
+
+
+class FixedEncoder:
+    """Stands in for CLIP where the query feature itself is the test's input."""
+
+    def __init__(self, feature: np.ndarray):
+        self.feature = feature
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        return np.stack([self.feature] * len(texts))
+
+    encode_images = encode_texts
+
+
+def test_rerank_over_a_flat_index_equals_brute_force_scoring(zoo: modelzoo.Zoo, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    d, n = 16, 40
+    moments = []
+    zoo.import_(save_gan(Generator(TINY), TINY, tmp_path / "g"), name="g")
+    version_id = zoo.get("g").id
+    for i in range(n):
+        x = rng.normal(size=(200, d)) * rng.uniform(0.1, 0.5) + rng.normal(size=d)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        m = moments_of(x, rank=3)
+        moments.append(m)
+        spec = SampleSpec("images", 200, first_seed=i)
+        store_embedding(zoo.registry, version_id, _Encoder("fake", "f" * 64), spec, m, "", 0.0)
+    q = rng.normal(size=d)
+    q /= np.linalg.norm(q)
+    query = engine.SearchQuery(texts=("q",), images=(np.zeros((4, 4, 3), np.uint8),))
+    hits = engine.search(zoo.registry, query, "f" * 64, FixedEncoder(q), top_k=1, candidates=n, tau=3.0)
+    stored = [_roundtrip(m) for m in moments]
+    brute = [
+        3.0 * q @ m.mean + 4.5 * q @ m.covariance() @ q
+        + multivariate_normal(m.mean, m.covariance() + 1e-3 * np.eye(d)).logpdf(q)
+        for m in stored
+    ]
+    best = int(np.argmax(brute))
+    assert hits[0].score == pytest.approx(brute[best], rel=1e-5)
+    assert hits[0].embedding_id == best + 1  # embedding ids follow insertion order
+
+
+class _Encoder:
+    def __init__(self, id: str, weights_hash: str):
+        self.id, self.weights_hash = id, weights_hash
+
+
+def _roundtrip(m):  # type: ignore[no-untyped-def]
+    """The moments as stored: a float16 factor."""
+    return type(m)(m.mean, m.factor.astype(np.float16).astype(np.float32), m.diag, m.count)
+
+
+def test_bad_queries_exit_2_and_change_nothing(world: modelzoo.Zoo, capsys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    home = world.settings.home
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    world.search(like=["gan-a"])  # the index is current before the snapshot
+    before = snapshot(home)
+    for args, message in [
+        (["--image", str(broken)], "cannot read image"),
+        (["--image", str(tmp_path / "missing.png")], "does not exist"),
+        (["--text", " "], "empty text"),
+        ([], "empty query"),
+        (["--like", "nope"], "nope"),
+        (["--like", "clip"], "not indexed"),
+        (["--text", "a red circle", "--encoder", "open_clip:RN50:/nonexistent.pt"], "cannot load"),
+        (["--image", str(tmp_path / "ok.png"), "--top-k", "0"], "top-k"),
+    ]:
+        result = zoo_cli(capsys, home, "search", *args)
+        assert result.code == 2 and message in result.err, (args, result)
+    assert snapshot(home) == before
+
+
+def test_cli_search_json_lists_rank_ref_model_version_score(world: modelzoo.Zoo, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    result = zoo_cli(capsys, world.settings.home, "search", "--text", "a red circle", "--top-k", "2", "--json")
+    assert result.code == 0, result.err
+    hits = json.loads(result.out)
+    assert [h["rank"] for h in hits] == [1, 2]
+    assert {"rank", "ref", "model", "version", "score"} <= set(hits[0]) and hits[0]["score"] >= hits[1]["score"]
