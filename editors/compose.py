@@ -1,0 +1,98 @@
+"""Compose edits of one parent by adding their weight deltas.
+
+Wang, Bau, Zhu, "Rewriting Geometric Rules of a GAN" (SIGGRAPH 2022), sec. 5 "model composition", as the
+reference's `notebooks/compose_models.ipynb` does it: for edited models W_k of one original W_orig,
+
+    W = W_orig + sum_k s_k (W_k - W_orig),   each s_k in [0, 1], default 1,
+
+which works because each edit is a small (low-rank) change of a few layers, and changes of different
+rules interfere little. Nothing here is GAN-specific: any family's edits of a shared parent compose.
+The result is registered with every composed edit as a parent (relation "compose"), the first one
+providing the manifest that the composed tensors replace.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+
+import torch
+
+from modelzoo.registry.errors import BadInput
+from modelzoo.registry.records import VersionInfo
+from modelzoo.registry.store import Registry
+
+METHOD = "compose"
+RELATION = "compose"
+
+
+def _shared_parent(infos: Sequence[VersionInfo]) -> str:
+    """The one version every edit was derived from; BadInput naming the culprit otherwise."""
+    parents: dict[str, list[str]] = {}
+    for info in infos:
+        if len(info.parents) != 1:
+            what = "no parent" if not info.parents else f"{len(info.parents)} parents"
+            raise BadInput(f"{info.ref} has {what}; compose takes edits that each have exactly one parent")
+        parents.setdefault(info.parents[0].ref, []).append(info.ref)
+    if len(parents) != 1:
+        listed = "; ".join(f"{', '.join(refs)} from {parent}" for parent, refs in parents.items())
+        raise BadInput(f"compose needs edits of one shared parent, got {listed}")
+    return next(iter(parents))
+
+
+def _check_scales(scales: Sequence[float] | None, count: int) -> list[float]:
+    if scales is None:
+        return [1.0] * count
+    if len(scales) != count:
+        raise BadInput(f"give one scale per composed version: {count} versions, {len(scales)} scales")
+    for s in scales:
+        if isinstance(s, bool) or not isinstance(s, int | float) or not math.isfinite(s) or not 0 <= s <= 1:
+            raise BadInput(f"scales lie in [0, 1] (the reference's range), got {s!r}")
+    return [float(s) for s in scales]
+
+
+def compose(
+    registry: Registry, refs: Sequence[str], name: str | None = None, scales: Sequence[float] | None = None
+) -> VersionInfo:
+    """Register W_orig + sum_k s_k (W_k - W_orig) for the versions `refs` (at least two, one parent).
+
+    The new version goes to model `name` (created if new), or to the first ref's model. Only tensors
+    that some edit changed are written; tensors an edit added or removed are refused, since a delta of
+    a tensor that one side lacks has no meaning.
+    """
+    started = time.perf_counter()
+    if len(refs) < 2:
+        raise BadInput(f"compose takes at least two versions, got {len(refs)}")
+    infos = [registry.info(ref) for ref in refs]
+    resolved = [i.ref for i in infos]
+    if len(set(resolved)) != len(resolved):
+        raise BadInput(f"compose got the same version twice: {', '.join(resolved)}")
+    factors = _check_scales(scales, len(infos))
+    if not any(factors):
+        raise BadInput("every scale is 0, so the composition is the parent itself; nothing registered")
+    parent = _shared_parent(infos)
+    base = registry.load_tensors(parent)
+    composed: dict[str, torch.Tensor] = {}
+    changed_by: dict[str, list[str]] = {}
+    for info, s in zip(infos, factors, strict=True):
+        tensors = registry.load_tensors(info.ref)
+        if set(tensors) != set(base):
+            extra = sorted(set(tensors) ^ set(base))
+            raise BadInput(f"{info.ref} adds or removes tensors of {parent} ({extra[:3]}); only weight edits compose")
+        for tensor_name, value in tensors.items():
+            W_orig = base[tensor_name]
+            if torch.equal(value, W_orig):
+                continue
+            if value.shape != W_orig.shape or not value.is_floating_point():
+                raise BadInput(f"{info.ref} changes the shape or dtype of {tensor_name}; only weight edits compose")
+            delta = (value.double() - W_orig.double()) * s
+            composed[tensor_name] = composed.get(tensor_name, W_orig.double()) + delta
+            changed_by.setdefault(tensor_name, []).append(info.ref)
+    changed = {k: v.to(base[k].dtype).contiguous() for k, v in composed.items()}
+    params = {"refs": resolved, "scales": factors, "parent": parent}
+    metrics = {"tensors": len(changed), "changed_by": changed_by}
+    return registry.commit(
+        resolved[0], changed, METHOD, params, metrics, name=name, relation=RELATION,
+        other_parents=resolved[1:], duration_s=time.perf_counter() - started,
+    )
