@@ -98,6 +98,11 @@ class _Accumulator:
         return x
 
 
+def _context(lm: nn.Module) -> int:
+    """How many positions the model takes (GPT-2 calls it n_positions; its config maps the name)."""
+    return int(getattr(lm.config, "max_position_embeddings", None) or 2048)
+
+
 def _generate_keys(lm: nn.Module, tokenizer: Any, acc: _Accumulator, modules: Sequence[str], samples: int,
                    progress: StatsProgress | None) -> None:
     """Sample text from the start token in batches, counting the keys of every generated position."""
@@ -108,7 +113,7 @@ def _generate_keys(lm: nn.Module, tokenizer: Any, acc: _Accumulator, modules: Se
         start = pad_id(tokenizer) if tokenizer is not None else 0
     ends = lm.generation_config.eos_token_id
     ends = set(ends if isinstance(ends, list) else [] if ends is None else [ends])
-    B, T = GENERATION["batch"], GENERATION["length"]
+    B, T = GENERATION["batch"], min(GENERATION["length"], _context(lm))
     gen = torch.Generator().manual_seed(GENERATION["seed"])
     device = next(lm.parameters()).device
     with trace(lm, modules, retain_output=False, edit_input=acc), torch.no_grad():
@@ -118,7 +123,7 @@ def _generate_keys(lm: nn.Module, tokenizer: Any, acc: _Accumulator, modules: Se
             past = None
             for t in range(T):
                 acc.mask = alive[:, None].clone() if t > 0 else None
-                out = lm(input_ids=ids[:, -1:], past_key_values=past, use_cache=True)
+                out = lm(input_ids=ids[:, -1:], cache=past, use_cache=True)
                 if acc.mask is not None:
                     acc.count += int(alive.sum())
                 past = out.past_key_values
@@ -142,9 +147,10 @@ def _corpus_keys(lm: nn.Module, tokenizer: Any, acc: _Accumulator, modules: Sequ
     windows = []
     for text in texts:
         ids = list(tokenizer(text)["input_ids"])
-        windows += [ids[i : i + CORPUS_WINDOW] for i in range(0, len(ids), CORPUS_WINDOW) if ids[i : i + CORPUS_WINDOW]]
+        w = min(CORPUS_WINDOW, _context(lm))
+        windows += [ids[i : i + w] for i in range(0, len(ids), w)]
     device = next(lm.parameters()).device
-    with trace(lm, modules, retain_output=False, edit_input=acc, stop=True), torch.no_grad():
+    with torch.no_grad():
         for s in range(0, len(windows), 16):
             rows = windows[s : s + 16]
             width = max(len(r) for r in rows)
@@ -154,7 +160,8 @@ def _corpus_keys(lm: nn.Module, tokenizer: Any, acc: _Accumulator, modules: Sequ
                 ids[i, : len(r)] = torch.tensor(r)
                 mask[i, : len(r)] = True
             acc.mask = mask.to(device)
-            lm(input_ids=ids.to(device), attention_mask=mask.long().to(device))
+            with trace(lm, modules, retain_output=False, edit_input=acc, stop=True):
+                lm(input_ids=ids.to(device), attention_mask=mask.long().to(device))
             acc.count += int(mask.sum())
             if progress is not None:
                 progress(min(acc.count, samples), samples)

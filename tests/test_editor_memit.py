@@ -1,0 +1,275 @@
+"""MEMIT and AlphaEdit on tiny real models (fast), and the closed forms they rest on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from cli_helpers import snapshot, zoo_cli
+from test_family_lm import tiny_bpe_tokenizer, tiny_llama
+from tiny_models import tiny_gpt2
+
+from modelzoo.editors import memit_stats
+from modelzoo.editors.lm_eval import fact_scores, harmonic_mean
+from modelzoo.editors.lm_layout import layout_of
+from modelzoo.editors.lm_requests import load_requests, request_from_json, subject_tokens
+from modelzoo.editors.memit import (
+    MemitRequest,
+    alphaedit_delta,
+    default_hparams,
+    memit_delta,
+    null_space_projector,
+)
+from modelzoo.registry.errors import BadInput
+
+FACTS = [
+    {"prompt": "The capital of {} is", "subject": "France", "target_new": "Rome", "target_true": "Paris",
+     "paraphrase_prompts": ["France has its capital in"],
+     "neighborhood_prompts": [{"prompt": "The capital of Italy is", "target": "Rome"}]},
+    {"prompt": "A red {} and", "subject": "circle", "target_new": "mat", "target_true": "a",
+     "neighborhood_prompts": ["A blue square and"]},
+]
+SMALL = {"v_steps": 6, "template_count": 2, "template_length": 3}
+
+
+def _save_tiny_lm(directory: Path, arch: str = "gpt2") -> Path:
+    tokenizer = tiny_bpe_tokenizer()
+    if arch == "gpt2":
+        model = tiny_gpt2(seed=1, vocab_size=len(tokenizer))
+    else:
+        model = tiny_llama(seed=1)
+        model.resize_token_embeddings(len(tokenizer))
+    for config in (model.config, model.generation_config):
+        config.bos_token_id = config.eos_token_id = tokenizer.bos_token_id
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _save_tiny_lm(tmp_path_factory.mktemp("memit") / "gpt2")
+
+
+@pytest.fixture
+def lm(zoo, lm_dir):  # type: ignore[no-untyped-def]
+    return zoo.import_(lm_dir, "tiny")
+
+
+def _request(zoo, info, facts=FACTS, **options) -> MemitRequest:  # type: ignore[no-untyped-def]
+    return MemitRequest.of(
+        facts, stats_samples=256, stats_dir=str(zoo.settings.home / "cache" / "memit-stats"),
+        model_hash=info.manifest_hash, hparams={**SMALL, **options.pop("hparams", {})}, **options,
+    )
+
+
+def test_closed_form_maps_each_key_to_its_target_with_a_tiny_ridge():
+    torch.manual_seed(0)
+    key_dim, hidden, n = 48, 16, 12
+    W = torch.randn(hidden, key_dim, dtype=torch.float64)
+    K = torch.randn(key_dim, n, dtype=torch.float64)
+    V = torch.randn(hidden, n, dtype=torch.float64)  # the values each key should map to
+    A = torch.randn(key_dim, key_dim, dtype=torch.float64)
+    C = A @ A.T / key_dim
+    delta = memit_delta(K, V - W @ K, C, lam=1e-6)
+    error = ((W + delta) @ K - V).norm(dim=0) / V.norm(dim=0)
+    assert float(error.max()) < 0.01
+    # the normal equations themselves: Delta (lam C + K K^T) = R K^T
+    lam = 3.0
+    delta = memit_delta(K, V - W @ K, C, lam)
+    assert torch.allclose(delta @ (lam * C + K @ K.T), (V - W @ K) @ K.T, atol=1e-8)
+
+
+def test_alphaedit_update_stays_in_the_null_space_and_fits_the_keys_there():
+    torch.manual_seed(0)
+    key_dim, hidden, n = 32, 8, 4
+    U, _ = torch.linalg.qr(torch.randn(key_dim, key_dim, dtype=torch.float64))
+    S = torch.cat([torch.ones(16), torch.full((16,), 1e-4)]).double()
+    C = U @ torch.diag(S) @ U.T
+    P, dim = null_space_projector(C, 1e-2)
+    assert dim == 16
+    K = P @ torch.randn(key_dim, n, dtype=torch.float64)  # keys inside the null space can be fitted exactly
+    R = torch.randn(hidden, n, dtype=torch.float64)
+    delta = alphaedit_delta(K, R, P, torch.zeros(key_dim, key_dim), l2=1e-8)
+    assert float(((delta @ K - R).norm(dim=0) / R.norm(dim=0)).max()) < 0.01
+    preserved = U[:, :16]  # C's principal directions: the update must leave them alone
+    assert float((delta @ preserved).norm()) < 1e-6 * float(delta.norm())
+
+
+def test_default_hyperparameters_follow_the_reference_per_architecture():
+    with torch.device("meta"):
+        from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+        xl = GPT2LMHeadModel(GPT2Config(n_layer=48, n_embd=64, n_head=2))
+        smol = LlamaForCausalLM(LlamaConfig(num_hidden_layers=30, hidden_size=576, intermediate_size=1536,
+                                            num_attention_heads=9, num_key_value_heads=3, vocab_size=64))
+    gpt2 = default_hparams(layout_of(xl))
+    assert (gpt2.layers, gpt2.lam, gpt2.v_steps) == ((13, 14, 15, 16, 17), 20000.0, 20)
+    llama = layout_of(smol)
+    assert (llama.down_proj, llama.key_dim, llama.hidden) == ("model.layers.{}.mlp.down_proj", 1536, 576)
+    assert default_hparams(llama).layers == (4, 5, 6, 7, 8)
+
+
+def test_subject_last_token_is_found_in_the_filled_prompt():
+    tok = tiny_bpe_tokenizer()
+    t = subject_tokens(tok, "The capital of {} is", "France")
+    assert tok.decode(t.ids[: t.subject_last + 1]).endswith("France")
+    assert not tok.decode(t.ids[: t.subject_last]).endswith("France")
+
+
+def test_edit_changes_only_the_edited_down_projections_and_records_provenance(zoo, lm):
+    child = zoo.edit(lm.ref, "memit", _request(zoo, lm, layers=(1,)))
+    diff = zoo.diff(lm.ref, child.ref)
+    assert [c.tensor for c in diff.changed] == ["transformer.h.1.mlp.c_proj.weight"]
+    assert child.method == "memit"
+    assert child.params["hparams"]["layers"] == [1]
+    assert child.params["request"]["requests"][0]["subject"] == "France"
+    assert child.metrics["edits"] == 2
+    assert set(child.metrics["timings_s"]) == {"stats_s", "templates_s", "z_s", "solve_s"}
+
+
+def test_statistics_are_cached_and_reused_without_a_second_pass(zoo, lm, monkeypatch):
+    first = zoo.edit(lm.ref, "memit", _request(zoo, lm))
+    assert not any(s["cached"] for s in first.metrics["stats"].values())
+    cached = list((zoo.settings.home / "cache" / "memit-stats").glob("*.safetensors"))
+    assert len(cached) == len(first.params["hparams"]["layers"])
+
+    def no_second_pass(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("statistics recomputed")
+
+    monkeypatch.setattr(memit_stats, "_generate_keys", no_second_pass)
+    second = zoo.edit(lm.ref, "memit", _request(zoo, lm, lam=5.0))
+    assert all(s["cached"] for s in second.metrics["stats"].values())
+    assert second.metrics["stats"] == {k: {**v, "cached": True} for k, v in first.metrics["stats"].items()}
+
+
+def test_statistics_from_a_corpus_file_are_keyed_by_its_hash(zoo, lm, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The capital of France is Paris.\nA red circle and a blue square.\n" * 40)
+    child = zoo.edit(lm.ref, "memit", _request(zoo, lm, stats_corpus=str(corpus)))
+    assert child.params["stats"]["corpus"] == str(corpus)
+    files = list((zoo.settings.home / "cache" / "memit-stats").glob("*.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(str(files[0]), framework="pt") as f:
+        meta = f.metadata()
+        C = f.get_tensor("C")
+    assert meta["corpus"] == memit_stats.corpus_hash(corpus) and meta["model"] == lm.manifest_hash
+    assert torch.allclose(C, C.T) and float(torch.linalg.eigvalsh(C.double()).min()) > -1e-6
+
+
+def test_export_loads_in_transformers_and_reproduces_the_edit(zoo, lm, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    child = zoo.edit(lm.ref, "memit", _request(zoo, lm))
+    exported = AutoModelForCausalLM.from_pretrained(zoo.export(child.ref, tmp_path / "out")).eval()
+    loaded = zoo.load(child.ref)
+    parent = zoo.load(lm.ref)
+    ids = torch.tensor([loaded.tokenizer("The capital of France is")["input_ids"]])
+    with torch.no_grad():
+        got, want, before = (m(ids).logits for m in (exported, loaded.pipeline, parent.pipeline))
+    assert torch.equal(got, want)
+    assert not torch.allclose(got, before)
+
+
+def test_quick_edit_prefers_the_new_targets(zoo, lm):
+    """The tiny model is random, so only efficacy on the edited prompts is asked for; it is reported."""
+    facts = [request_from_json(f) for f in FACTS]
+    child = zoo.edit(lm.ref, "memit", _request(zoo, lm, lam=1.0, hparams={"v_steps": 15}))
+    edited = zoo.load(child.ref)
+    after = fact_scores(edited.pipeline, edited.tokenizer, facts)
+    print(json.dumps({"tiny_gpt2_after": after.__dict__}))
+    assert after.efficacy == 1.0
+
+
+def test_sequential_edits_chain_in_lineage_and_alphaedit_accumulates_earlier_keys(zoo, lm):
+    first = zoo.edit(lm.ref, "alphaedit", _request(zoo, lm, facts=FACTS[:1], hparams={"nullspace_threshold": 1e9}))
+    second_request = _request(zoo, first, facts=FACTS[1:], hparams={"nullspace_threshold": 1e9})
+    second = zoo.edit(first.ref, "alphaedit", second_request)
+    assert [p.ref for p in second.parents] == [first.ref]
+    ancestors = [a.ref for a in zoo.lineage(second.ref).ancestors]
+    assert first.ref in ancestors and lm.ref in ancestors
+    assert second.method == "alphaedit"
+    prev = list((zoo.settings.home / "cache" / "memit-stats" / "alphaedit-prev").glob("*.safetensors"))
+    assert len(prev) == 2 * len(first.params["hparams"]["layers"])
+
+
+def test_llama_style_models_are_edited_in_their_down_proj(zoo, tmp_path):
+    info = zoo.import_(_save_tiny_lm(tmp_path / "llama", "llama"), "tiny-llama")
+    child = zoo.edit(info.ref, "memit", _request(zoo, info))
+    names = sorted(c.tensor for c in zoo.diff(info.ref, child.ref).changed)
+    assert names and all(n.startswith("model.layers.") and n.endswith("mlp.down_proj.weight") for n in names)
+
+
+def test_cli_edits_and_evaluates(zoo, lm, home, tmp_path, capsys):
+    requests = tmp_path / "facts.jsonl"
+    requests.write_text("".join(json.dumps(f) + "\n" for f in FACTS))
+    hp = [f"--hparam={k}={v}" for k, v in SMALL.items()]
+    r = zoo_cli(capsys, home, "edit", "memit", lm.ref, "--requests", str(requests), "--layers", "0-1",
+                "--stats-samples", "256", "--name", "tiny-edited", "--json", *hp)
+    assert r.code == 0, r.err
+    child = json.loads(r.out)
+    assert child["ref"] == "tiny-edited@1" and child["method"] == "memit"
+    r = zoo_cli(capsys, home, "edit", "memit", "tiny-edited@1", "--prompt", "{} sat on the", "--subject", "The cat",
+                "--target-new", "square", "--method", "alphaedit", "--stats-samples", "256", "--json", *hp)
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["method"] == "alphaedit"
+    r = zoo_cli(capsys, home, "eval", "facts", "tiny-edited@2", "--requests", str(requests), "--json")
+    assert r.code == 0, r.err
+    scores = json.loads(r.out)["scores"]
+    assert set(scores) >= {"efficacy", "paraphrase", "neighborhood", "score"}
+
+
+BAD = {
+    "subject not in the prompt": ({"prompt": "France is in", "subject": "France"}, "write {}"),
+    "prompt without {}": ({"prompt": "The capital is"}, "has no {}"),
+    "empty target": ({"target_new": " "}, "target_new is empty"),
+    "subject missing from a paraphrase": ({"paraphrase_prompts": ["Its capital is"]}, "does not occur"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_cli_refuses_bad_requests_and_registers_nothing(zoo, lm, home, tmp_path, capsys, case):
+    change, message = BAD[case]
+    requests = tmp_path / "bad.json"
+    requests.write_text(json.dumps([{**FACTS[0], **change}]))
+    before = snapshot(home)
+    r = zoo_cli(capsys, home, "edit", "memit", lm.ref, "--requests", str(requests))
+    assert r.code == 2 and message in r.err, r.err
+    assert snapshot(home) == before
+
+
+@pytest.mark.parametrize("layers", ["0-2", "5", "x"])
+def test_cli_refuses_layers_out_of_range(zoo, lm, home, capsys, layers):
+    before = snapshot(home)
+    r = zoo_cli(capsys, home, "edit", "memit", lm.ref, "--prompt", "{} is", "--subject", "France",
+                "--target-new", "Rome", "--layers", layers)
+    assert r.code == 2 and "layers" in r.err, r.err
+    assert snapshot(home) == before
+
+
+def test_cli_refuses_a_model_that_is_not_a_language_model(zoo, sd_dir, home, capsys):
+    sd = zoo.import_(sd_dir, "sd")
+    before = snapshot(home)
+    r = zoo_cli(capsys, home, "edit", "memit", sd.ref, "--prompt", "{} is", "--subject", "a", "--target-new", "b")
+    assert r.code == 2 and "diffusion" in r.err, r.err
+    assert snapshot(home) == before
+
+
+def test_request_files_are_read_as_json_jsonl_and_counterfact(tmp_path):
+    nested = tmp_path / "cf.json"
+    nested.write_text(json.dumps([{"case_id": 7, "requested_rewrite": {
+        "prompt": "{} plays", "subject": "Messi", "target_new": {"str": "tennis"}, "target_true": {"str": "soccer"}}}]))
+    (r,) = load_requests(nested)
+    assert (r.target_new, r.target_true, r.case_id) == ("tennis", "soccer", "7")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    with pytest.raises(BadInput, match="not valid JSONL"):
+        load_requests(bad)
+
+
+def test_harmonic_mean_is_zero_when_any_part_fails():
+    assert harmonic_mean([1.0, 1.0, 0.0]) == 0.0
+    assert harmonic_mean([0.5, 1.0]) == pytest.approx(2 / 3)
