@@ -11,6 +11,7 @@ import typer
 
 import modelzoo
 from modelzoo.cli import demo, sample, search
+from modelzoo.cli import evaluate
 from modelzoo.cli import compose
 from modelzoo.cli.edit import edit_app
 from modelzoo.cli.output import byte_progress, console, emit, errors, human_bytes, table
@@ -287,6 +288,7 @@ def alias_history(target: Annotated[str, typer.Argument(help="NAME@ALIAS")], as_
 sample.register(app)
 demo.register(app)
 compose.register(app)
+evaluate.register(app)
 search.register(app)
 
 
