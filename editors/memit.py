@@ -47,7 +47,7 @@ from modelzoo.editors.lm_requests import (
     subject_tokens,
     target_ids,
 )
-from modelzoo.editors.memit_stats import LayerStats, second_moments
+from modelzoo.editors.memit_stats import LayerStats, save_atomically, second_moments
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.families.base import LoadedModel
 from modelzoo.registry.tracing import trace
@@ -415,22 +415,8 @@ def _load_prev(stats_dir: str | None, W: torch.Tensor, key_dim: int) -> torch.Te
 
 
 def _save_prev(stats_dir: str | None, W: torch.Tensor, C_prev: torch.Tensor) -> None:
-    if stats_dir is None:
-        return
-    import os
-    import tempfile
-
-    from safetensors.torch import save_file
-
-    path = _prev_path(Path(stats_dir), W)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"C_prev": C_prev.float().contiguous()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    if stats_dir is not None:
+        save_atomically(_prev_path(Path(stats_dir), W), {"C_prev": C_prev.float()})
 
 
 # --- the edit --------------------------------------------------------------------------------------------

@@ -171,14 +171,16 @@ def _corpus_keys(lm: nn.Module, tokenizer: Any, acc: _Accumulator, modules: Sequ
         raise BadInput(f"the statistics corpus holds {acc.count} tokens; ask for at most that many samples")
 
 
-def _save(path: Path, C: torch.Tensor, meta: dict[str, str]) -> None:
+def save_atomically(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
+    """Write a safetensors file through a temporary file and a rename, so readers never see half of one."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".partial-", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the cache from other users of a shared registry
     try:
-        save_file({"C": C.contiguous()}, tmp, metadata=meta)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -241,5 +243,5 @@ def second_moments(
             assert cache_dir is not None
             meta = {k: str(v) for k, v in asdict(keys[m]).items()}
             meta.update(count=str(acc.count), seconds=f"{seconds:.3f}")
-            _save(cache_dir / keys[m].filename(), C, meta)
+            save_atomically(cache_dir / keys[m].filename(), {"C": C}, meta)
     return found
