@@ -342,6 +342,7 @@ class WarpFit:
         self.criterion = _lpips_loss() if request.loss == "lpips" else None
         with torch.no_grad():
             self.ws = G.mapping(plan.z)
+        self.unmixed: tuple[Tensor, Tensor] | None = None  # the original images and their targets, unmixed
 
     def synthesize(self, ws: Tensor) -> Tensor:
         """The edited generator's raw images (unclamped, so saturated pixels keep their gradient).
@@ -399,10 +400,11 @@ class WarpFit:
     def fit_error(self, edited: bool) -> float:
         """The loss on the request's own samples, unmixed: how far the (edited or original) images are
         from the warped targets."""
-        index = torch.arange(len(self.ws), device=self.ws.device)
-        target = self.targets(self.ws, index)
-        output = self.synthesize(self.ws) if edited else self.G.synthesis(self.ws, noise_mode="const", clamp=False)
-        return float(self.loss(output, target))
+        if self.unmixed is None:
+            original = self.G.synthesis(self.ws, noise_mode="const", clamp=False)
+            self.unmixed = (original, warp_images(original, self.plan.grids))
+        original, target = self.unmixed
+        return float(self.loss(self.synthesize(self.ws) if edited else original, target))
 
 
 class WarpEditor:
