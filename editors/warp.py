@@ -82,7 +82,17 @@ class WarpRequest:
     `lr_schedule`: "constant", or "karras" (the reference's cosine ramp: up over the first 5% of steps,
     down over the last `lr_rampdown` of them).
     `mix_from`: first W+ entry replaced in style mixing; None is half of num_ws (the reference's 8 of 16).
+    `hold_corners`: add the image corners as fixed points to per-sample warps (a whole-image
+    `transform` moves the corners by definition, so it ignores this).
     `seed`: seeds D's initialisation, the style-mixing latents and batch draws, so an edit is repeatable.
+
+    As a request file (DESIGN.md, CLI contract), with "layer" for `layers` and every other field
+    optional:
+
+        {"samples": [{"seed": 3, "points": [[0.30, 0.5, 0.22, 0.5], [0.70, 0.5, 0.78, 0.5]]},
+                     {"latent": [0.1, -1.2, ...], "points": [...]}],
+         "layer": "b4.conv1", "rank": 32, "iterations": 2000}
+        {"samples": [{"seed": 0}, {"seed": 1}], "transform": {"scale_x": 1.3}}
     """
 
     samples: tuple[WarpSample, ...]

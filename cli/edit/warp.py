@@ -1,5 +1,12 @@
 """`zoo edit warp REF --request FILE.json [--layer L] [--rank R] [--iterations N] [--name NEW]`.
 
+The request file is `WarpRequest`'s JSON, e.g. a horizontal stretch shown on five samples:
+
+    {"samples": [{"seed": 0}, {"seed": 1}, {"seed": 2}, {"seed": 3}, {"seed": 4}], "transform": {"scale_x": 1.3}}
+
+or control points per sample, `{"seed": 3, "points": [[xs, ys, xt, yt], ...]}`, as fractions of the image.
+Flags override the file's keys.
+
 Writes a before/after grid of unseen seeds (parent on top, child below) so a person can see whether the
 warp carried over to samples the edit never saw. Every flag and the request file are checked, and the
 grid's folder is known to be writable, before the (long) optimisation starts; bad input registers and
