@@ -323,11 +323,12 @@ def compute_z(lm: nn.Module, tokenizer: Any, layout: LmLayout, hp: MemitHparams,
                 break
             opt.zero_grad()
             per[still].sum().backward()
-            kept = delta.detach()[finished].clone()
+            frozen = [a for a in range(len(owners)) if a not in still]
+            kept = delta.detach()[frozen].clone()
             opt.step()
             with torch.no_grad():
-                if finished:
-                    delta[finished] = kept  # Adam's momentum would keep moving a finished request
+                if frozen:
+                    delta[frozen] = kept  # Adam's momentum would keep moving finished requests
                 limit = hp.clamp_norm_factor * h_init.norm(dim=1)
                 norms = delta.norm(dim=1)
                 scale = torch.where(norms > limit, limit / norms.clamp_min(1e-12), torch.ones_like(norms))
