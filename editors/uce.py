@@ -1,0 +1,418 @@
+"""UCE: Unified Concept Editing in diffusion models (Gandikota et al., arXiv 2308.14761), closed form.
+
+Every cross-attention key and value projection W (a `d_out x d` matrix applied to text-encoder token
+outputs c) is replaced by the minimiser of
+
+    sum_i |W' c_i - v*_i|^2  +  sum_j |W' c_j - W c_j|^2  +  lam |W' - W|_F^2        (paper, eq. 7)
+
+with erase scale s_e and preserve scale s_p weighting the first two sums:
+
+    W' = (lam W + s_e sum_i v*_i c_i^T + s_p sum_j W c_j c_j^T) (lam I + s_e sum_i c_i c_i^T + s_p sum_j c_j c_j^T)^-1
+
+c_i are the edited concepts' token embeddings, c_j the preserved concepts'. In every mode of the
+reference code the target is the *original* W applied to another embedding, v*_i = W g_i (erase: the
+guide concept's token; debias: the concept's token plus a mixture of attribute tokens). Writing C (rows
+c_i^T), G (rows g_i^T) and P (rows c_j^T), the numerator is W N with N = lam I + s_e G^T C + s_p P^T P
+and the inverted matrix A = lam I + s_e C^T C + s_p P^T P depends on the text side alone, so
+
+    W' = W M,   M = N A^-1
+
+for every projection at once: one d x d linear solve (in float64) edits all of them, however many
+concepts (the paper erases up to 1,000 artists). Modes:
+- erase: c_i of each concept -> v*_i from its guide (default the empty prompt, as the reference).
+- moderate: erase towards the empty prompt with only the empty prompt preserved (the reference has no
+  separate code path; the erase scale sets the strength).
+- debias (`trainscripts/uce_sd_debias.py`): generate images for each prompt, read their attributes,
+  and move v* = W (c + sum_a s_a c_a) by the gap between desired and observed ratios, solving again from
+  the original W each iteration. The reference adds each iteration's gap to v* in place, so the
+  coefficients s_a accumulate (an integral controller); we do the same, with `step_size` scaling it.
+
+Which token embeddings stand for a concept (`tokens`): "last", the text encoder's output at the concept's
+last word token (the current reference script), or "last_and_following" (the older script): that token
+and every position after it (end-of-text and padding, which a causal encoder lets see the word), paired
+position by position with the guide's, while preserved concepts contribute all their positions.
+Default "last_and_following": on the shapes-world model, erasing "red" towards "" with the other
+colours preserved removed a larger share of red samples than "last" did (see the module's tests and the
+closing note of the issue for the numbers).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar, Literal
+
+import numpy as np
+import torch
+
+from modelzoo.editors.base import EditProgress, EditResult, changed_tensors
+from modelzoo.editors.diffusion_text import UNET, TextSide, cross_attention_projections, text_side
+from modelzoo.registry.errors import BadInput
+from modelzoo.registry.families.base import LoadedModel
+
+Mode = Literal["erase", "debias", "moderate"]
+TokenChoice = Literal["last", "last_and_following"]
+MODES: tuple[str, ...] = ("erase", "debias", "moderate")
+TOKEN_CHOICES: tuple[str, ...] = ("last", "last_and_following")
+PROJECTIONS: tuple[str, ...] = ("to_k", "to_v")
+EXPANSIONS: tuple[str, ...] = ("image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}")
+"""The reference's `--expand_prompts` templates for objects, applied to a concept and its guide alike."""
+
+AttributeReader = Callable[[np.ndarray, Sequence[str]], list[str | None]]
+"""uint8 images (N, H, W, 3) and the attribute names -> the attribute read in each image (None: none)."""
+
+
+@dataclass(frozen=True)
+class UceRequest:
+    """One UCE edit. Defaults are the reference implementation's (lam 0.5, scales 1, guide "", the
+    debias loop's 30 iterations, tolerance 0.05, 10 images per prompt at 20 steps and guidance 7.5)."""
+
+    erase: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+    """Guide concept per erased concept; none means "" for all, one is used for all."""
+    preserve: tuple[str, ...] = ()
+    mode: Mode = "erase"
+    debias: tuple[str, ...] = ()
+    """Prompts whose attribute mix is balanced (mode debias), e.g. "a circle"."""
+    attributes: tuple[str, ...] = ()
+    """The attributes to balance, e.g. ("red", "blue")."""
+    ratios: tuple[float, ...] = ()
+    """Desired share of each attribute; none means equal shares."""
+    tokens: TokenChoice = "last_and_following"
+    lam: float = 0.5
+    erase_scale: float = 1.0
+    preserve_scale: float = 1.0
+    projections: tuple[str, ...] = PROJECTIONS
+    layers: tuple[str, ...] = ()
+    """Only projections whose UNet module name contains one of these (e.g. "up_blocks"); all when empty."""
+    templates: tuple[str, ...] = ("{}",)
+    """Texts the concepts (erased, guide, preserved, attributes) are placed in, "{}" marking the spot,
+    e.g. "a {} circle": token rows are then taken from the concept's last token inside each text."""
+    template_guides: bool = True
+    """Place guides in the templates too (the reference's expand_prompts does); False keeps them bare."""
+    expand_prompts: bool = False
+    """Add the reference's five object templates ("image of {}", ...) to `templates`."""
+    reader: str = "meter"
+    """Debias attribute reader: "meter" (the shapes world's analytic colour/shape meters) or "clip:DIR"
+    (zero-shot with a CLIP folder written by `modelzoo.registry.families.clip.save_clip`)."""
+    max_iterations: int = 30
+    tolerance: float = 0.05
+    step_size: float = 1.0
+    halve_on_overshoot: bool = True
+    """Halve the step whenever a gap changes sign; False keeps the reference's fixed step."""
+    samples_per_prompt: int = 10
+    sample_steps: int = 20
+    guidance_scale: float = 7.5
+    seed: int = 0
+
+
+@dataclass
+class ConceptRows:
+    """Token embeddings as rows: C (edited), G (their targets' inputs, same row count) and P (preserved)."""
+
+    C: torch.Tensor
+    G: torch.Tensor
+    P: torch.Tensor
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def uce_map(rows: ConceptRows, lam: float, erase_scale: float, preserve_scale: float) -> torch.Tensor:
+    """M with W' = W M for every edited projection: M = N A^-1 (see the module docstring), float64."""
+    C, G, P = rows.C.double(), rows.G.double(), rows.P.double()
+    eye = torch.eye(C.shape[1], dtype=torch.float64)
+    A = lam * eye + erase_scale * C.T @ C + preserve_scale * P.T @ P
+    N = lam * eye + erase_scale * G.T @ C + preserve_scale * P.T @ P
+    # M A = N with A symmetric: A M^T = N^T, one solve.
+    return torch.linalg.solve(A, N.T).T
+
+
+class UceEditor:
+    """The `uce` editor plugin."""
+
+    name: ClassVar[str] = "uce"
+    families: ClassVar[tuple[str, ...]] = ("diffusion",)
+
+    def __init__(self, reader: AttributeReader | None = None):
+        """`reader` overrides the request's attribute reader (for callers with their own classifier)."""
+        self.reader = reader
+
+    def edit(self, model: LoadedModel, request: UceRequest, progress: EditProgress | None = None) -> EditResult:
+        side = text_side(model)
+        plan = _plan(side, request)
+        names = cross_attention_projections(side.unet, request.projections, request.layers)
+        modules = [side.unet.get_submodule(n) for n in names]
+        W0 = [m.weight.detach().clone() for m in modules]
+        before = {f"{UNET}/{n}.weight": w for n, w in zip(names, W0, strict=True)}
+        reader = self.reader or (_reader(request.reader) if request.mode == "debias" else None)
+
+        def apply(rows: ConceptRows) -> None:
+            M = uce_map(rows, request.lam, request.erase_scale, request.preserve_scale)
+            with torch.no_grad():
+                for module, w in zip(modules, W0, strict=True):
+                    module.weight.copy_((w.double() @ M).to(w.dtype))
+
+        metrics: dict[str, object] = {}
+        if request.mode == "debias":
+            assert reader is not None
+            rows, metrics = _debias(model, plan, reader, apply, progress)
+        else:
+            rows = plan.rows(np.zeros((0, 0)))
+            apply(rows)
+            if progress is not None:
+                progress(1, 1, {})
+        metrics |= _fit_metrics(rows, W0, uce_map(rows, request.lam, request.erase_scale, request.preserve_scale))
+        changed = changed_tensors(model, list(before), before)
+        metrics |= {"edited_tensors": len(changed), "concept_rows": rows.counts}
+        return EditResult(changed=changed, params={**asdict(plan.resolved), "edited_modules": names}, metrics=metrics)
+
+
+Span = tuple[str, int]
+"""A text and the position its token rows start from (the start token is position 0)."""
+
+
+@dataclass
+class _Plan:
+    """A validated request with all its texts encoded once (`hidden[index[text]]`, length x d)."""
+
+    resolved: UceRequest
+    pairs: list[tuple[Span, Span]]
+    """(edited, guide) for erase and moderate; (debias prompt, its own end) for debias."""
+    preserve: list[Span]
+    attributes: list[tuple[int, list[Span]]]
+    """Per pair, in debias mode: its prompt's number and the attribute texts in the pair's template."""
+    hidden: torch.Tensor
+    index: dict[str, int]
+
+    def _aligned(self, spans: Sequence[Span]) -> list[torch.Tensor]:
+        """Each span's start token, or ("last_and_following") it and the positions after it, cut to a
+        common length so that position k of one pairs with position k of another."""
+        n = 1 if self.resolved.tokens == "last" else self.hidden.shape[1] - max(a for _, a in spans)
+        return [self.hidden[self.index[t], a : a + n] for t, a in spans]
+
+    def rows(self, scales: np.ndarray) -> ConceptRows:
+        """Rows for the solve; in debias mode `scales[p, a]` weights attribute a's tokens in prompt p's target."""
+        C: list[torch.Tensor] = []
+        G: list[torch.Tensor] = []
+        for k, (edited, guide) in enumerate(self.pairs):
+            if self.resolved.mode == "debias":
+                p, attribute_spans = self.attributes[k]
+                own, *mix = self._aligned([edited, *attribute_spans])
+                C.append(own)
+                G.append(own + sum(float(s) * m for s, m in zip(scales[p], mix, strict=True)))
+            else:
+                c, g = self._aligned([edited, guide])
+                C.append(c)
+                G.append(g)
+        # The older script preserves every position of a preserved text; the current one its last token.
+        P = [self.hidden[self.index[t]] if self.resolved.tokens == "last_and_following" else self._aligned([(t, a)])[0]
+             for t, a in self.preserve]
+        return ConceptRows(
+            C=torch.cat(C), G=torch.cat(G), P=torch.cat(P) if P else torch.zeros(0, self.hidden.shape[-1]),
+            counts={"edited": sum(len(c) for c in C), "preserved": sum(len(p) for p in P)},
+        )
+
+
+def _check_numbers(r: UceRequest) -> None:
+    if r.mode not in MODES:
+        raise BadInput(f"unknown UCE mode {r.mode!r}; choose {', '.join(MODES)}")
+    if r.tokens not in TOKEN_CHOICES:
+        raise BadInput(f"unknown token choice {r.tokens!r}; choose {', '.join(TOKEN_CHOICES)}")
+    if not (r.lam > 0 and math.isfinite(r.lam)):
+        raise BadInput(f"lam must be a positive number (it keeps the solve invertible), got {r.lam}")
+    for what, value in (("erase_scale", r.erase_scale), ("preserve_scale", r.preserve_scale)):
+        if not (value >= 0 and math.isfinite(value)):
+            raise BadInput(f"{what} must be >= 0, got {value}")
+    bad = [t for t in (*r.templates, "{}") if t.count("{") != 1 or t.count("}") != 1 or "{}" not in t]
+    if bad or not r.templates:
+        raise BadInput(f"a template holds one '{{}}' where the concept goes, e.g. 'a {{}} circle'; got {bad or '()'}")
+    unknown = sorted(set(r.projections) - set(PROJECTIONS)) or ([] if r.projections else ["(none)"])
+    if unknown:
+        raise BadInput(f"UCE edits the cross-attention projections {'/'.join(PROJECTIONS)}, not {unknown}")
+
+
+def _check_debias(r: UceRequest) -> None:
+    if r.erase or r.targets:
+        raise BadInput("debias mode balances --debias prompts; it takes no --erase or --target")
+    if not r.debias:
+        raise BadInput("debias mode needs at least one prompt to debias (--debias 'a circle')")
+    if len(r.attributes) < 2 or len(set(r.attributes)) != len(r.attributes):
+        raise BadInput(f"debiasing needs two or more distinct attributes (--attribute), got {list(r.attributes)}")
+    if r.ratios and len(r.ratios) != len(r.attributes):
+        raise BadInput(f"{len(r.ratios)} ratios for {len(r.attributes)} attributes; give one per attribute")
+    if r.ratios and (min(r.ratios) < 0 or abs(sum(r.ratios) - 1) > 1e-6):
+        raise BadInput(f"ratios must be >= 0 and sum to 1, got {list(r.ratios)}")
+    for what, value, low in (("max_iterations", r.max_iterations, 1), ("samples_per_prompt", r.samples_per_prompt, 1),
+                             ("sample_steps", r.sample_steps, 1)):
+        if value < low:
+            raise BadInput(f"{what} must be at least {low}, got {value}")
+    if not 0 < r.tolerance < 1 or not r.step_size > 0:
+        raise BadInput("tolerance must lie in (0, 1) and step_size be positive")
+
+
+def _resolve(r: UceRequest) -> UceRequest:
+    """The request with its implied parts filled in (mode rules, default guides and ratios), checked."""
+    _check_numbers(r)
+    if r.mode == "debias":
+        _check_debias(r)
+        ratios = r.ratios or tuple(1 / len(r.attributes) for _ in r.attributes)
+        return UceRequest(**{**asdict(r), "ratios": ratios, "preserve": tuple(r.preserve)})
+    if r.debias or r.attributes or r.ratios:
+        raise BadInput(f"--debias/--attribute/--ratio belong to debias mode, not {r.mode}")
+    if not r.erase:
+        raise BadInput(f"{r.mode} needs at least one concept to erase (--erase)")
+    targets = r.targets
+    preserve = r.preserve
+    if r.mode == "moderate":
+        if any(targets):
+            raise BadInput("moderation edits towards the empty prompt; it takes no --target")
+        targets, preserve = ("",), ("", *(p for p in preserve if p))
+    if len(targets) not in (0, 1, len(r.erase)):
+        raise BadInput(f"{len(targets)} targets for {len(r.erase)} erased concepts; give none, one, or one each")
+    guides = tuple(targets) * (len(r.erase) if len(targets) == 1 else 1) or ("",) * len(r.erase)
+    return UceRequest(**{**asdict(r), "targets": guides, "preserve": tuple(dict.fromkeys(preserve))})
+
+
+def _plan(side: TextSide, request: UceRequest) -> _Plan:
+    """Validate every concept and its templated texts against the tokenizer; encode all texts at once."""
+    r = _resolve(request)
+    templates = list(dict.fromkeys((*r.templates, *(EXPANSIONS if r.expand_prompts else ()))))
+    ids: dict[str, tuple[int, ...]] = {}
+
+    def span(template: str, concept: str, what: str, allow_empty: bool = False, at_end: bool = False) -> Span:
+        """The concept in the template, starting at the concept's last token (or the text's, `at_end`)."""
+        side.token_ids(concept, what, allow_empty)
+        text = " ".join(template.format(concept).split())
+        ids[text] = tuple(side.token_ids(text, what, allow_empty))
+        # BPE splits words on whitespace first, so the head's tokens are the text's first tokens.
+        head = text if at_end else template.split("{}")[0] + concept
+        return text, len(side.token_ids(head, what, allow_empty=True))
+
+    pairs: list[tuple[Span, Span]] = []
+    for concept, guide in zip(r.erase, r.targets, strict=True):
+        if side.token_ids(concept, "erased concept") == side.token_ids(guide, "target concept", allow_empty=True):
+            raise BadInput(f"erased concept {concept!r} is its own target; nothing would change")
+        guide_templates = templates if r.template_guides else ["{}"] * len(templates)
+        pairs += [(span(t, concept, "erased concept"), span(g, guide, "target concept", allow_empty=True))
+                  for t, g in zip(templates, guide_templates, strict=True)]
+    preserve = [span(t, p, "preserved concept", allow_empty=True) for p in r.preserve for t in templates]
+    # A debias prompt lacks the attribute, so its rows start at its last token and pair with the rows
+    # that end each attribute's text ("circle", end-of-text, ... of "a circle" and of "a red circle").
+    attributes: list[tuple[int, list[Span]]] = []
+    for p, prompt in enumerate(r.debias):
+        for t in templates:
+            own = span("{}", prompt, "debias prompt")
+            pairs.append((own, own))
+            attributes.append((p, [span(t, a, "attribute", at_end=True) for a in r.attributes]))
+    edited = {ids[text]: text for (text, _), _ in pairs}
+    clash = [(edited[ids[text]], text) for text, _ in preserve if ids[text] in edited]
+    if clash:
+        raise BadInput(f"{clash[0][0]!r} is both edited and preserved; drop it from one of the two sets")
+    texts = list(ids)
+    return _Plan(r, pairs, preserve, attributes, side.encode(texts), {t: i for i, t in enumerate(texts)})
+
+
+def _reader(spec: str) -> AttributeReader:
+    """The attribute reader a request names (imported lazily: the meters live in the demo package)."""
+    if spec == "meter":
+        from modelzoo.demo.meters import colours_of, shapes_of
+        from modelzoo.demo.shapes import COLOURS, SHAPES
+
+        def meter(images: np.ndarray, attributes: Sequence[str]) -> list[str | None]:
+            if set(attributes) <= set(COLOURS):
+                return colours_of(images, tuple(attributes))
+            if set(attributes) <= set(SHAPES):
+                return [s if s in attributes else None for s in shapes_of(images)]
+            raise BadInput(f"the meters read colours {COLOURS} or shapes {SHAPES}, not {list(attributes)}")
+
+        return meter
+    if spec.startswith("clip:"):
+        from modelzoo.registry.families.clip import load_clip
+
+        encoder = load_clip(spec.removeprefix("clip:"))
+
+        def zero_shot(images: np.ndarray, attributes: Sequence[str]) -> list[str | None]:
+            scores = encoder.encode_images(images) @ encoder.encode_texts(list(attributes)).T
+            return [attributes[i] for i in scores.argmax(1)]
+
+        return zero_shot
+    raise BadInput(f"unknown attribute reader {spec!r}; use 'meter' or 'clip:DIR'")
+
+
+def _observed(
+    model: LoadedModel, r: UceRequest, reader: AttributeReader
+) -> tuple[np.ndarray, np.ndarray]:
+    """Share of each attribute among the images read as one of them, per debias prompt, and the share
+    of images read as any; the same seeds every call, so iterations compare like with like."""
+    shares, read = [], []
+    for p, prompt in enumerate(r.debias):
+        generator = torch.Generator().manual_seed(r.seed + 1000 * p)
+        with torch.no_grad():
+            images = model.pipeline(
+                prompt, num_images_per_prompt=r.samples_per_prompt, num_inference_steps=r.sample_steps,
+                guidance_scale=r.guidance_scale, generator=generator, output_type="np",
+            ).images
+        labels = reader((np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8), r.attributes)
+        counts = np.array([sum(label == a for label in labels) for a in r.attributes], dtype=np.float64)
+        # Shares among the images showing one of the attributes, so the gaps sum to 0 and the targets'
+        # attribute mixture keeps its overall size.
+        shares.append(counts / counts.sum() if counts.sum() else np.array(r.ratios))
+        read.append(counts.sum() / len(labels))
+    return np.array(shares), np.array(read)
+
+
+def _debias(
+    model: LoadedModel,
+    plan: _Plan,
+    reader: AttributeReader,
+    apply: Callable[[ConceptRows], None],
+    progress: EditProgress | None,
+) -> tuple[ConceptRows, dict[str, object]]:
+    """The reference loop: measure, stop when every share is within tolerance, else add the gaps to the
+    attribute coefficients and solve again from the original weights."""
+    r = plan.resolved
+    desired = np.array(r.ratios)
+    scales = np.zeros((len(r.debias), len(r.attributes)))
+    rows = plan.rows(scales)
+    history: list[list[list[float]]] = []
+    step, previous = r.step_size, None
+    for iteration in range(r.max_iterations + 1):
+        shares, read = _observed(model, r, reader)
+        history.append(shares.round(3).tolist())
+        gap = desired[None] - shares
+        gap[np.abs(gap).max(1) < r.tolerance] = 0
+        # Images showing none of the attributes carry no direction: keep the last one, and never stop there.
+        unread = read == 0
+        gap[unread] = 0 if previous is None else previous[unread]
+        if progress is not None:
+            progress(iteration, r.max_iterations, {"max_gap": float(np.abs(desired[None] - shares).max())})
+        if (not gap.any() and not unread.any()) or iteration == r.max_iterations:
+            break
+        # Where the attribute flips sharply with the conditioning a fixed step jumps across the flip
+        # for ever (measured on the shapes world); halving at each overshoot turns it into bisection.
+        if r.halve_on_overshoot and previous is not None and (np.sign(gap) * np.sign(previous) < 0).any():
+            step /= 2
+        previous = gap
+        scales += step * gap
+        rows = plan.rows(scales)
+        apply(rows)
+    return rows, {
+        "iterations": iteration, "observed_ratios": shares.round(4).tolist(), "read_share": read.round(4).tolist(),
+        "attribute_scales": scales.round(4).tolist(), "ratio_history": history, "final_step": step,
+    }
+
+
+def _fit_metrics(rows: ConceptRows, W0: Sequence[torch.Tensor], M: torch.Tensor) -> dict[str, float]:
+    """How well the edited projections, stacked, hit their targets and keep preserved outputs:
+    |W (M C^T - G^T)| / |W G^T| and |W (M P^T - P^T)| / |W P^T|, via K = sum_l W_l^T W_l (d x d)."""
+    K = sum(w.double().T @ w.double() for w in W0)
+    assert isinstance(K, torch.Tensor)
+
+    def relative(X: torch.Tensor, Y: torch.Tensor) -> float:
+        if not len(X):
+            return 0.0
+        R = M @ X.double().T - Y.double().T
+        Yt = Y.double().T
+        return float(((K * (R @ R.T)).sum() / (K * (Yt @ Yt.T)).sum().clamp_min(1e-30)).sqrt())
+
+    return {"erase_residual": relative(rows.C, rows.G), "preserve_drift": relative(rows.P, rows.P)}
