@@ -66,11 +66,40 @@ def register(app: typer.Typer) -> None:
               "cached" if b.reused else f"{b.seconds:.0f}s"]
              for b in built for k, v in b.thresholds.items()],
         )
+        show_search(zoo, built, profile, seed)
         lineage = zoo.lineage(built[0].ref)
         console.print(f"lineage of {lineage.ref}: {len(lineage.ancestors)} ancestors, "
                       f"{len(lineage.descendants)} descendants (`zoo lineage {lineage.ref}`)")
         console.print(f"done in {time.perf_counter() - started:.0f}s. Next: `zoo list`, `zoo show {built[0].ref}`, "
                       f"`zoo sample {built[-1].ref} --n 8 --grid grid.png`")
+
+
+def show_search(zoo, built, profile: str, seed: int) -> None:  # type: ignore[no-untyped-def]
+    """Index the world's generators with its CLIP, run a text and an image search, measure retrieval."""
+    from modelzoo.demo.catalog import FULL_GAN_SLICES, QUICK_GAN_SLICES
+    from modelzoo.demo.search_eval import index_world, retrieval
+    from modelzoo.demo.shapes import ShapeSpec, draw
+
+    started = time.perf_counter()
+    by_family: dict[str, list[str]] = {}
+    for b in built:
+        by_family.setdefault(b.family, []).append(b.ref)
+    fresh = [d for d in index_world(zoo, by_family, profile) if not d.skipped]
+    console.print(f"indexed {len(fresh)} versions with the shapes CLIP in {time.perf_counter() - started:.0f}s "
+                  f"(`zoo index`)")
+    for label, kwargs in [
+        ('zoo search --text "a red circle"', {"text": ["a red circle"]}),
+        ("zoo search --image <a new red circle>", {"image": [draw(ShapeSpec("circle", "red", 0.5, 0.5, 0.6))]}),
+    ]:
+        hits = zoo.search(top_k=3, **kwargs)
+        console.print(f"{label}: " + ", ".join(f"{h.rank}. {h.ref} ({h.score:.1f})" for h in hits))
+    report = retrieval(zoo, FULL_GAN_SLICES if profile == "full" else QUICK_GAN_SLICES, seed)
+    table(
+        f"search on the shapes world ({report['slices']} GAN slices among {report['models_indexed']} indexed models)",
+        ["query", "queries", "top-1", "top-5", "mAP"],
+        [[kind, r["queries"], f"{r['top1']:.2f}", f"{r['top5']:.2f}", f"{r['mAP']:.2f}"]
+         for kind in ("text", "image", "sketch") for r in [report[kind]]],
+    )
 
 
 def quiet_library_progress_bars() -> None:

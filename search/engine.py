@@ -161,14 +161,14 @@ def _model_moments(registry: Registry, ref: str, encoder_hash: str) -> Moments:
 
 
 @dataclass(frozen=True)
-class _Part:
+class QueryPart:
     name: str
     vector: np.ndarray  # what FAISS searches with: a feature, or a model's normalised mean
     kind: str  # text | image | model
     moments: Moments | None = None
 
 
-def _encode(registry: Registry, query: SearchQuery, encoder: ClipEncoder | None, encoder_hash: str) -> list[_Part]:
+def _encode(registry: Registry, query: SearchQuery, encoder: ClipEncoder | None, encoder_hash: str) -> list[QueryPart]:
     if query.parts() == 0:
         raise BadInput("empty query: give --text, --image, --sketch or --like")
     if any(not t.strip() for t in query.texts):
@@ -176,19 +176,19 @@ def _encode(registry: Registry, query: SearchQuery, encoder: ClipEncoder | None,
     needs_encoder = query.texts or query.images or query.sketches
     if needs_encoder and encoder is None:
         raise BadInput("text and image queries need an encoder")
-    parts: list[_Part] = []
+    parts: list[QueryPart] = []
     if query.texts:
         assert encoder is not None
         for text, feature in zip(query.texts, encoder.encode_texts(list(query.texts)), strict=True):
-            parts.append(_Part(f"text:{text}", feature, "text"))
+            parts.append(QueryPart(f"text:{text}", feature, "text"))
     for label, images in (("image", query.images), ("sketch", query.sketches)):
         if images:
             assert encoder is not None
             for i, feature in enumerate(encoder.encode_images(np.stack([_same_size(im, images[0]) for im in images]))):
-                parts.append(_Part(f"{label}:{i}", feature, "image"))
+                parts.append(QueryPart(f"{label}:{i}", feature, "image"))
     for ref in query.like:
         m = _model_moments(registry, ref, encoder_hash)
-        parts.append(_Part(f"like:{ref}", m.mean / max(np.linalg.norm(m.mean), 1e-12), "model", m))
+        parts.append(QueryPart(f"like:{ref}", m.mean / max(np.linalg.norm(m.mean), 1e-12), "model", m))
     return parts
 
 
@@ -198,7 +198,7 @@ def _same_size(image: np.ndarray, first: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((first.shape[1], first.shape[0]), Image.BICUBIC))
 
 
-def score_parts(parts: Sequence[_Part], batch: MomentBatch, tau: float) -> dict[str, np.ndarray]:
+def score_parts(parts: Sequence[QueryPart], batch: MomentBatch, tau: float) -> dict[str, np.ndarray]:
     scores: dict[str, np.ndarray] = {}
     for part in parts:
         if part.kind == "text":
@@ -231,26 +231,38 @@ def search(
     if filters.family or filters.tags:
         allowed = index.positions_of(_allowed_ids(registry, encoder_hash, filters))
     pool = max(candidates, 4 * top_k)
+    scale = tau if tau is not None else (encoder.logit_scale if encoder is not None else 100.0)
+    ranking = rank_candidates(index, parts, pool, scale, allowed)
+    return _hits(registry, ranking, top_k)
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Candidates at index row `positions`, their total and per-part scores, and the best-first `order`."""
+
+    positions: np.ndarray
+    total: np.ndarray
+    per_part: dict[str, np.ndarray]
+    order: np.ndarray
+    embedding_ids: np.ndarray
+
+
+def rank_candidates(
+    index: MomentIndex, parts: Sequence[QueryPart], pool: int, tau: float, allowed: np.ndarray | None = None
+) -> Ranking:
+    """FAISS candidates for every part, reranked exactly by the sum of the parts' moment scores."""
     positions = index.candidates(np.stack([p.vector for p in parts]), pool, allowed)
     if len(positions) == 0:
-        return []
-    batch = index.moments(positions)
-    scale = tau if tau is not None else (encoder.logit_scale if encoder is not None else 100.0)
-    per_part = score_parts(parts, batch, scale)
+        empty = np.zeros(0)
+        return Ranking(positions, empty, {}, positions, positions)
+    per_part = score_parts(parts, index.moments(positions), tau)
     total = np.sum(list(per_part.values()), axis=0)
-    order = np.argsort(-total, kind="stable")
-    return _hits(registry, index.rows[positions], total, per_part, order, top_k)
+    return Ranking(positions, total, per_part, np.argsort(-total, kind="stable"), index.rows[positions])
 
 
-def _hits(
-    registry: Registry,
-    embedding_ids: np.ndarray,
-    total: np.ndarray,
-    per_part: dict[str, np.ndarray],
-    order: np.ndarray,
-    top_k: int,
-) -> list[SearchHit]:
-    wanted = [int(embedding_ids[i]) for i in order]
+def _hits(registry: Registry, ranking: Ranking, top_k: int) -> list[SearchHit]:
+    embedding_ids, total, order = ranking.embedding_ids, ranking.total, ranking.order
+    wanted = [int(i) for i in embedding_ids]
     with registry.db.read() as session:
         rows = session.execute(
             select(Embedding.id, Embedding.version_id, Embedding.thumbnail, Version.number, Version.status,
@@ -269,7 +281,7 @@ def _hits(
         seen.add(row.version_id)
         hits.append(SearchHit(
             rank=len(hits) + 1, ref=f"{row.name}@{row.number}", model=row.name, version=row.number,
-            family=row.family, score=float(total[i]), scores={k: float(v[i]) for k, v in per_part.items()},
+            family=row.family, score=float(total[i]), scores={k: float(v[i]) for k, v in ranking.per_part.items()},
             thumbnail=row.thumbnail, embedding_id=row.id,
         ))
         if len(hits) == top_k:

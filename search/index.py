@@ -14,8 +14,8 @@ is current, and a missing, damaged or stale index is rebuilt from the database, 
 to a temporary sibling folder that replaces the old one by rename, so readers never see half an index.
 
 Candidates come from FAISS by inner product with the normalised means: an exact flat index up to
-`FLAT_LIMIT` models, an inverted-file index with 8-bit scalar quantisation above (4 sqrt(n) lists; the
-exact rerank corrects the quantisation), searched with `nprobe` lists.
+`FLAT_LIMIT` models, an inverted-file index with 8-bit scalar quantisation above (sqrt(n) lists, trained
+on 64 points per list; the exact rerank corrects the quantisation), searched with `DEFAULT_NPROBE` lists.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from modelzoo.search.moments import MomentBatch
 
 FLAT_LIMIT = 50_000
 DEFAULT_NPROBE = 24
-TRAIN_SAMPLE = 200_000
+TRAIN_POINTS_PER_LIST = 64
 INDEX_FORMAT = 1
 
 
@@ -111,9 +111,10 @@ def build_faiss(means: np.ndarray) -> tuple[faiss.Index, str]:
         index = faiss.IndexFlatIP(d)
         index.add(means)
         return index, "flat"
-    lists = int(4 * math.sqrt(n))
+    lists = max(256, int(math.sqrt(n)))
     index = faiss.index_factory(d, f"IVF{lists},SQ8", faiss.METRIC_INNER_PRODUCT)
-    sample = means[np.random.default_rng(0).choice(n, min(n, TRAIN_SAMPLE), replace=False)]
+    picked = np.sort(np.random.default_rng(0).choice(n, min(n, TRAIN_POINTS_PER_LIST * lists), replace=False))
+    sample = means[picked]
     index.train(np.ascontiguousarray(sample))
     for start in range(0, n, 100_000):  # bounded temporaries when `means` is memory-mapped
         index.add(np.ascontiguousarray(means[start : start + 100_000]))

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.families.base import Sample, contact_sheet, get_family
@@ -206,10 +207,16 @@ def store_embedding(
         mean=moments.mean.astype("<f4").tobytes(), factor=moments.factor.astype("<f2").tobytes(),
         diag=moments.diag.astype("<f4").tobytes(), thumbnail=thumbnail, seconds=round(seconds, 3),
     )
-    with registry.db.write() as session:
-        session.add(row)
-        session.flush()
-        return int(row.id)
+    try:
+        with registry.db.write() as session:
+            session.add(row)
+            session.flush()
+            return int(row.id)
+    except IntegrityError:  # another process indexed the same version with the same encoder and spec
+        found = existing_embedding(registry, version_id, encoder.weights_hash, spec.hash)
+        if found is None:
+            raise
+        return found
 
 
 def decode_moments(row: Embedding) -> Moments:

@@ -29,7 +29,18 @@ def test_quick_demo_builds_every_model_with_its_measured_quality(world_home, cap
             assert info.metrics[metric] >= bar, (model.name, metric, info.metrics[metric])
     grids = sorted(p.name for p in (world_home / "demo").glob("*.png"))
     assert "shapes-sd-v1.png" in grids and "shapes-gan-red-circle-v1.png" in grids
-    assert "measured quality" in result.out
+    assert "measured quality" in result.out and "search on the shapes world" in result.out
+
+
+@pytest.mark.slow
+def test_quick_world_search_ranks_each_slice_gan_first(world_home, capsys):
+    """Issue 4's retrieval bar on the quick world: text and image queries find their slice's GAN."""
+    from modelzoo.demo.catalog import QUICK_GAN_SLICES
+    from modelzoo.demo.search_eval import retrieval
+
+    zoo_cli(capsys, world_home, "demo", "--quick")  # cached after the first test
+    report = retrieval(modelzoo.open(world_home), QUICK_GAN_SLICES)
+    assert report["text"]["top1"] >= 0.9 and report["image"]["top1"] >= 0.9, report
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import snapshot, zoo_cli
 from PIL import Image
 from scipy.stats import multivariate_normal
 
@@ -18,7 +19,6 @@ from modelzoo.registry.families.stylegan import Generator, StyleGanConfig
 from modelzoo.search import engine
 from modelzoo.search.indexer import SampleSpec, store_embedding
 from modelzoo.search.moments import moments_of
-from tests.cli_helpers import snapshot, zoo_cli
 
 TINY = StyleGanConfig.tiny()
 

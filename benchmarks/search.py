@@ -1,0 +1,158 @@
+"""Search latency, recall and build cost at 10^3 ... 10^6 models, against a Modelverse-style Python loop.
+
+Synthetic models stand in for indexed versions: d = 512 unit-normalised means drawn around 2,000
+"concept" directions (real model zoos are clustered: many fine-tunes of a few bases), each with a rank-r
+covariance factor and a diagonal of the size CLIP features show. Queries are unit vectors near random
+concepts. The encoder is excluded: timings start from the query feature.
+
+- latency: `rank_candidates` (FAISS candidates + exact rerank from the memory-mapped moments), text
+  (moment-generating score) and image (Gaussian log-density) queries, p50/p95 over `--queries` queries;
+- recall@10: the approximate top 10 against exact scoring of every model with the same score;
+- baseline: the released Modelverse code's approach, a Python loop scoring every model in turn;
+- build: seconds to write the index (arrays + FAISS), bytes on disk, peak RSS of this process.
+
+    python benchmarks/search.py                    # 10^3, 10^4, 10^5, 10^6
+    python benchmarks/search.py --sizes 1000 10000 --queries 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from modelzoo.search.engine import QueryPart, rank_candidates
+from modelzoo.search.index import Fingerprint, MomentIndex, write_index
+from modelzoo.search.moments import MomentBatch, density_scores, text_scores
+
+DIM = 512
+CONCEPTS = 2000
+TAU = 100.0
+CHUNK = 5_000
+
+
+def synthetic_models(n: int, rank: int, directory: Path, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Means (in RAM), factors and diagonals (memory-mapped float16/float32 files), generated in chunks."""
+    rng = np.random.default_rng(seed)
+    concepts = rng.normal(size=(CONCEPTS, DIM)).astype(np.float32)
+    concepts /= np.linalg.norm(concepts, axis=1, keepdims=True)
+    means = np.empty((n, DIM), np.float32)
+    factors = np.lib.format.open_memmap(directory / "f.npy", "w+", np.float16, (n, DIM, rank))
+    diags = np.lib.format.open_memmap(directory / "d.npy", "w+", np.float32, (n, DIM))
+    for start in range(0, n, CHUNK):
+        m = min(CHUNK, n - start)
+        x = concepts[rng.integers(0, CONCEPTS, m)] + rng.normal(0, 0.6 / np.sqrt(DIM), (m, DIM)).astype(np.float32)
+        means[start : start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        factors[start : start + m] = (rng.standard_normal((m, DIM, rank), np.float32) * (0.15 / np.sqrt(DIM)))
+        diags[start : start + m] = rng.uniform(0.2, 1.0, (m, DIM)).astype(np.float32) * (0.05 / DIM)
+    return means, factors, diags
+
+
+def queries(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed + 1)
+    concepts = np.random.default_rng(seed).normal(size=(CONCEPTS, DIM)).astype(np.float32)
+    concepts /= np.linalg.norm(concepts, axis=1, keepdims=True)
+    q = concepts[rng.integers(0, CONCEPTS, n)] + rng.normal(0, 0.8 / np.sqrt(DIM), (n, DIM)).astype(np.float32)
+    return q / np.linalg.norm(q, axis=1, keepdims=True)
+
+
+def exact_top(index: MomentIndex, q: np.ndarray, kind: str, k: int = 10) -> np.ndarray:
+    scores = np.concatenate([
+        _score(kind, index.moments(np.arange(s, min(s + CHUNK, len(index)))), q) for s in range(0, len(index), CHUNK)
+    ])
+    return np.argsort(-scores, kind="stable")[:k]
+
+
+def _score(kind: str, batch: MomentBatch, q: np.ndarray) -> np.ndarray:
+    return text_scores(batch, q, TAU) if kind == "text" else density_scores(batch, q)
+
+
+def modelverse_loop(index: MomentIndex, q: np.ndarray) -> int:
+    """Score every model in a Python loop, one model's moments at a time, as the released code does."""
+    best, best_score = -1, -np.inf
+    for i in range(len(index)):
+        mu, factor, diag = index.means[i], index.factors[i].astype(np.float32), index.diags[i]
+        projected = factor.T @ q
+        score = TAU * float(mu @ q) + 0.5 * TAU**2 * float(projected @ projected + diag @ (q * q))
+        if score > best_score:
+            best, best_score = i, score
+    return best
+
+
+def percentile_ms(times: list[float], p: float) -> float:
+    return round(float(np.percentile(times, p)) * 1000, 3)
+
+
+def run(n: int, rank: int, n_queries: int, loop_queries: int, work: Path) -> dict[str, object]:
+    directory = work / f"n{n}"
+    directory.mkdir()
+    means, factors, diags = synthetic_models(n, rank, directory)
+    started = time.perf_counter()
+    index = write_index(directory / "index", "bench", Fingerprint(n, n, n), np.arange(1, n + 1), means, factors, diags)
+    build_s = time.perf_counter() - started
+    del means
+    (directory / "f.npy").unlink()
+    (directory / "d.npy").unlink()
+    disk = sum(p.stat().st_size for p in (directory / "index").iterdir())
+    result: dict[str, object] = {
+        "models": n, "rank": rank, "faiss": index.kind, "build_s": round(build_s, 2), "index_bytes": disk,
+    }
+    qs = queries(n_queries, 0)
+    recall_queries = min(n_queries, 20 if n <= 100_000 else 5)  # exact scoring of 10^6 models takes seconds
+    for kind in ("text", "image"):
+        times, recalls = [], []
+        for j, q in enumerate(qs):
+            part = QueryPart("q", q, kind)
+            t0 = time.perf_counter()
+            ranking = rank_candidates(index, [part], 100, TAU)
+            top = ranking.positions[ranking.order[:10]]
+            times.append(time.perf_counter() - t0)
+            if j < recall_queries:
+                recalls.append(len(set(top.tolist()) & set(exact_top(index, q, kind).tolist())) / 10)
+        result[kind] = {
+            "p50_ms": percentile_ms(times, 50), "p95_ms": percentile_ms(times, 95),
+            "recall_at_10": round(float(np.mean(recalls)), 4),
+        }
+    if loop_queries:
+        t0 = time.perf_counter()
+        for q in qs[:loop_queries]:
+            modelverse_loop(index, q)
+        loop_ms = (time.perf_counter() - t0) / loop_queries * 1000
+        result["modelverse_loop_ms"] = round(loop_ms, 1)
+        result["speedup_vs_loop"] = round(loop_ms / result["text"]["p50_ms"], 1)  # type: ignore[index]
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000, 1_000_000])
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--loop-queries", type=int, default=3, help="queries timed for the Python loop (0: skip)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="zoo-search-bench-"))
+    try:
+        results = []
+        for n in args.sizes:
+            loops = args.loop_queries if n <= 100_000 else min(args.loop_queries, 1)
+            results.append(run(n, args.rank, args.queries, loops, work))
+            print(json.dumps(results[-1]), flush=True)
+        print(json.dumps({"benchmark": "search", "dim": DIM, "threads": args.threads, "results": results}, indent=2))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
