@@ -12,6 +12,7 @@ import torch
 
 from modelzoo.editors.apply import apply_edit
 from modelzoo.editors.base import EditProgress
+from modelzoo.editors.compose import compose as compose_versions
 from modelzoo.registry import integrity, queries
 from modelzoo.registry import lineage as lineage_queries
 from modelzoo.registry.errors import BadInput, ZooError
@@ -209,6 +210,13 @@ class Zoo:
         encoder_hash, clip = search_encoder(self.registry, encoder, needs_model, device)
         filters = SearchFilter(family, dict(tags or {}))
         return search_versions(self.registry, query, encoder_hash, clip, top_k, filters, candidates)
+
+    def compose(
+        self, refs: Sequence[str], name: str | None = None, scales: Sequence[float] | None = None
+    ) -> VersionInfo:
+        """W_parent + sum_k s_k (W_k - W_parent) over edits of one parent, registered with all of them as
+        parents (the GAN-warping paper composes edited models this way)."""
+        return compose_versions(self.registry, refs, name=name, scales=scales)
 
     def lineage(self, ref: str) -> Lineage:
         return lineage_queries.lineage(self.registry, ref)

@@ -7,7 +7,6 @@ from typing import Annotated
 import typer
 
 from modelzoo.cli.output import console, emit
-from modelzoo.editors.compose import compose as compose_versions
 from modelzoo.registry.records import VersionInfo
 
 
@@ -31,7 +30,7 @@ def compose(
     # Imported here, not at the top: main imports this module to register the command.
     from modelzoo.cli.main import State
 
-    info = compose_versions(State.zoo().registry, refs, name=name, scales=scale)
+    info = State.zoo().compose(refs, name=name, scales=scale)
     emit(info, as_json, _render)
 
 

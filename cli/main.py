@@ -10,9 +10,7 @@ from typing import Annotated, Any
 import typer
 
 import modelzoo
-from modelzoo.cli import demo, sample, search
-from modelzoo.cli import evaluate
-from modelzoo.cli import compose
+from modelzoo.cli import compose, demo, evaluate, sample, search
 from modelzoo.cli.edit import edit_app
 from modelzoo.cli.output import byte_progress, console, emit, errors, human_bytes, table
 from modelzoo.registry.errors import BadInput, NotFound, ZooError

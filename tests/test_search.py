@@ -25,6 +25,10 @@ TINY = StyleGanConfig.tiny()
 
 @pytest.fixture
 def world(zoo: modelzoo.Zoo, tmp_path: Path) -> modelzoo.Zoo:
+    return _world(zoo, tmp_path)
+
+
+def _world(zoo: modelzoo.Zoo, tmp_path: Path) -> modelzoo.Zoo:
     """A random CLIP and three random tiny GANs, the GANs indexed with 24 samples each."""
     torch.manual_seed(0)
     zoo.import_(save_clip(build_clip(CLIP_CONFIG.model_cfg), CLIP_CONFIG, tmp_path / "clip"), name="clip")
@@ -42,6 +46,13 @@ def test_a_model_query_finds_that_model_first_and_scores_are_minus_frechet(world
     assert [h.ref for h in hits][0] == "gan-b@1"
     assert hits[0].score == pytest.approx(0.0, abs=1e-4)
     assert all(h.score < -1e-6 for h in hits[1:]) and Path(hits[0].thumbnail).is_file()
+
+
+@pytest.mark.postgres
+def test_search_on_a_postgres_registry(home: Path, tmp_path: Path, pg_database: str) -> None:
+    zoo = _world(modelzoo.open(home, pg_database), tmp_path)
+    assert [h.ref for h in zoo.search(like=["gan-c"], tags={"slice": "c"})] == ["gan-c@1"]
+    assert zoo.search(like=["gan-b"], top_k=1)[0].score == pytest.approx(0.0, abs=1e-4)
 
 
 def test_indexing_is_incremental_and_an_edit_of_an_indexed_version_is_indexed_at_once(world: modelzoo.Zoo) -> None:
