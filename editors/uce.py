@@ -146,11 +146,14 @@ class UceEditor:
         before = {f"{UNET}/{n}.weight": w for n, w in zip(names, W0, strict=True)}
         reader = self.reader or (_reader(request.reader) if request.mode == "debias" else None)
 
+        applied = [torch.eye(W0[0].shape[1], dtype=torch.float64)]  # the map the weights now hold
+
         def apply(rows: ConceptRows) -> None:
             M = uce_map(rows, request.lam, request.erase_scale, request.preserve_scale)
             with torch.no_grad():
                 for module, w in zip(modules, W0, strict=True):
                     module.weight.copy_((w.double() @ M).to(w.dtype))
+            applied[0] = M
 
         metrics: dict[str, object] = {}
         if request.mode == "debias":
@@ -161,7 +164,7 @@ class UceEditor:
             apply(rows)
             if progress is not None:
                 progress(1, 1, {})
-        metrics |= _fit_metrics(rows, W0, uce_map(rows, request.lam, request.erase_scale, request.preserve_scale))
+        metrics |= _fit_metrics(rows, W0, applied[0])
         changed = changed_tensors(model, list(before), before)
         metrics |= {"edited_tensors": len(changed), "concept_rows": rows.counts}
         return EditResult(changed=changed, params={**asdict(plan.resolved), "edited_modules": names}, metrics=metrics)

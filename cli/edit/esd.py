@@ -1,0 +1,43 @@
+"""`zoo edit esd REF`: erase a concept by fine-tuning with negative guidance (ESD)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from modelzoo.cli.edit import edit_app
+from modelzoo.cli.edit.uce import render_child, request_from
+from modelzoo.cli.output import emit, step_progress
+
+
+@edit_app.command("esd")
+def esd(
+    ref: str,
+    erase: Annotated[list[str] | None, typer.Option(help="Concept to erase (repeatable; one drawn per step).")] = None,
+    train_method: Annotated[str | None, typer.Option(help="xattn | noxattn | selfattn | full | strict.")] = None,
+    iterations: Annotated[int | None, typer.Option(help="Optimisation steps (1000).")] = None,
+    eta: Annotated[float | None, typer.Option(help="Negative guidance scale (1).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate (1e-5).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Samples per step (1).")] = None,
+    ddim_steps: Annotated[int | None, typer.Option(help="DDIM steps of the x_t sampler (50).")] = None,
+    start_guidance: Annotated[float | None, typer.Option(help="Guidance of the x_t sampler (3).")] = None,
+    sampler: Annotated[str | None, typer.Option(help="edited (paper) | frozen: which model draws x_t.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the noise and the drawn steps.")] = None,
+    request: Annotated[Path | None, typer.Option(help="JSON file with any EsdRequest fields.")] = None,
+    name: Annotated[str | None, typer.Option(help="Register the child under this model name.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Fine-tune the UNet away from a concept (ESD) and register the child version; Ctrl-C registers nothing."""
+    from modelzoo.cli.main import State
+    from modelzoo.editors.esd import EsdRequest
+
+    req = request_from(EsdRequest, request, {
+        "erase": erase, "train_method": train_method, "iterations": iterations, "eta": eta, "lr": lr,
+        "batch_size": batch_size, "ddim_steps": ddim_steps, "start_guidance": start_guidance, "sampler": sampler,
+        "seed": seed,
+    })
+    with step_progress(f"esd {ref}", quiet=as_json) as progress:
+        info = State.zoo().edit(ref, "esd", req, name=name, progress=progress)
+    emit(info, as_json, render_child)

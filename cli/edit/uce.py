@@ -1,0 +1,83 @@
+"""`zoo edit uce REF`: closed-form concept erasing, moderation and debiasing (UCE)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from modelzoo.cli.edit import edit_app
+from modelzoo.cli.output import console, emit, step_progress
+from modelzoo.registry.errors import BadInput
+from modelzoo.registry.records import VersionInfo
+
+
+def request_from(cls: type, file: Path | None, flags: dict[str, Any]) -> Any:
+    """The request dataclass from a JSON file, overridden by the flags that were given (not None/empty)."""
+    values: dict[str, Any] = {}
+    if file is not None:
+        try:
+            values = json.loads(file.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise BadInput(f"--request {file}: {e}") from None
+        if not isinstance(values, dict):
+            raise BadInput(f"--request {file} must hold a JSON object")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise BadInput(f"--request {file}: unknown keys {unknown}; known: {sorted(names)}")
+    values |= {k: v for k, v in flags.items() if v is not None and v != []}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def render_child(info: VersionInfo) -> None:
+    shown = {k: v for k, v in (info.metrics or {}).items() if not isinstance(v, list | dict)}
+    console.print(f"registered [bold]{info.ref}[/] ({info.method} edit); metrics: {shown}")
+    console.print(f"Next: `zoo diff {info.parents[0].ref if info.parents else info.ref} {info.ref}` or "
+                  f"`zoo sample {info.ref} --prompt ...`")
+
+
+
+@edit_app.command("uce")
+def uce(
+    ref: str,
+    erase: Annotated[list[str] | None, typer.Option(help="Concept to erase (repeatable).")] = None,
+    target: Annotated[list[str] | None, typer.Option(help="Guide per erased concept (default '').")] = None,
+    preserve: Annotated[list[str] | None, typer.Option(help="Concept to keep unchanged (repeatable).")] = None,
+    debias: Annotated[list[str] | None, typer.Option(help="Prompt to debias, e.g. 'a circle' (repeatable).")] = None,
+    attribute: Annotated[list[str] | None, typer.Option(help="Attribute to balance (repeatable, 2+).")] = None,
+    ratio: Annotated[list[float] | None, typer.Option(help="Desired share per attribute; default equal.")] = None,
+    mode: Annotated[str | None, typer.Option(help="erase | moderate | debias (default: debias with --debias).")] = None,
+    template: Annotated[list[str] | None, typer.Option(help="Text holding '{}' for each concept (repeatable).")] = None,
+    tokens: Annotated[str | None, typer.Option(help="last | last_and_following (default).")] = None,
+    lam: Annotated[float | None, typer.Option(help="Regulariser towards the original weights (0.5).")] = None,
+    erase_scale: Annotated[float | None, typer.Option(help="Weight of the edited concepts (1).")] = None,
+    preserve_scale: Annotated[float | None, typer.Option(help="Weight of the preserved concepts (1).")] = None,
+    layer: Annotated[list[str] | None, typer.Option(help="Edit only UNet modules containing this.")] = None,
+    expand_prompts: Annotated[bool | None, typer.Option(help="Add the reference's five object templates.")] = None,
+    reader: Annotated[str | None, typer.Option(help="Debias attribute reader: meter | clip:DIR.")] = None,
+    max_iterations: Annotated[int | None, typer.Option(help="Debias iterations (30).")] = None,
+    samples: Annotated[int | None, typer.Option(help="Debias images per prompt and iteration (10).")] = None,
+    request: Annotated[Path | None, typer.Option(help="JSON file with any UceRequest fields.")] = None,
+    name: Annotated[str | None, typer.Option(help="Register the child under this model name.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Edit cross-attention keys and values in closed form (UCE) and register the child version."""
+    from modelzoo.cli.main import State
+    from modelzoo.editors.uce import UceRequest
+
+    if mode is None and debias:
+        mode = "debias"
+    req = request_from(UceRequest, request, {
+        "erase": erase, "targets": target, "preserve": preserve, "debias": debias, "attributes": attribute,
+        "ratios": ratio, "mode": mode, "templates": template, "tokens": tokens, "lam": lam,
+        "erase_scale": erase_scale, "preserve_scale": preserve_scale, "layers": layer,
+        "expand_prompts": expand_prompts, "reader": reader, "max_iterations": max_iterations,
+        "samples_per_prompt": samples,
+    })
+    with step_progress(f"uce {ref}", quiet=as_json) as progress:
+        info = State.zoo().edit(ref, "uce", req, name=name, progress=progress)
+    emit(info, as_json, render_child)
