@@ -11,6 +11,7 @@ versions. The on-disk FAISS index is refreshed from the table afterwards (search
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -175,8 +176,11 @@ def index_version(
     features: list[np.ndarray] = []
     kept: list[Sample] = []
     done = 0
+    call_options = dict(spec.options)
+    if "batch_size" in inspect.signature(family.sample).parameters:
+        call_options.setdefault("batch_size", batch_size)  # speed only: not part of the spec
     for prompt, seeds in spec.batches(batch_size):
-        samples = family.sample(model, seeds, prompt, **spec.options)
+        samples = family.sample(model, seeds, prompt, **call_options)
         features.append(embed_samples(encoder, samples))
         if len(kept) < THUMBNAIL_SAMPLES:
             kept.extend(samples[: THUMBNAIL_SAMPLES - len(kept)])

@@ -162,3 +162,21 @@ def test_cli_search_json_lists_rank_ref_model_version_score(world: modelzoo.Zoo,
     hits = json.loads(result.out)
     assert [h["rank"] for h in hits] == [1, 2]
     assert {"rank", "ref", "model", "version", "score"} <= set(hits[0]) and hits[0]["score"] >= hits[1]["score"]
+
+
+def test_diffusion_and_lm_versions_are_sampled_from_prompts_and_searchable(
+    zoo: modelzoo.Zoo, tmp_path: Path, sd_dir: Path, gpt2_dir: Path
+) -> None:
+    torch.manual_seed(0)
+    zoo.import_(save_clip(build_clip(CLIP_CONFIG.model_cfg), CLIP_CONFIG, tmp_path / "clip"), name="clip")
+    zoo.import_(sd_dir, name="sd")
+    zoo.import_(gpt2_dir, name="lm")
+    done = zoo.index(["sd"], encoder="zoo:clip", samples=4, prompts=["a red circle", "a blue square"],
+                     options={"steps": 2}, rank=2)
+    done += zoo.index(["lm"], samples=4, prompts=["5 17"], options={"max_new_tokens": 4}, rank=2)  # no tokenizer: ids
+    assert [d.ref for d in done] == ["sd@1", "lm@1"]
+    assert done[0].thumbnail.endswith(".png") and done[1].thumbnail.endswith(".txt")
+    row = engine.indexed_encoders(zoo.registry)
+    assert [(e.encoder_id, e.versions) for e in row] == [("zoo:clip@1", 2)]
+    assert {h.ref for h in zoo.search(text=["a red circle"])} == {"sd@1", "lm@1"}
+    assert [h.ref for h in zoo.search(text=["a red circle"], family="lm")] == ["lm@1"]
