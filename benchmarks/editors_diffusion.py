@@ -1,0 +1,183 @@
+"""UCE and ESD cost on this CPU, with random weights built from configs. Prints JSON.
+
+- uce: seconds for one edit erasing 1, 10 and 100 concepts (towards "", nothing preserved, the default
+  "last_and_following" tokens) on a Stable Diffusion 1.x-shaped UNet (860M parameters, 32 key/value
+  projections) with a CLIP ViT-L/14-shaped text encoder, through `UceEditor.edit` (text encoding, the
+  one d x d solve, rewriting the projections, collecting the changed tensors); and the bytes the child
+  adds (its changed tensors) against the whole pipeline's (UNet, text encoder and SD's VAE).
+- esd_tiny: seconds per ESD iteration (paper defaults: ESD-x, batch 1, 50-step DDIM x_t sampler,
+  guidance 3) through `EsdEditor.edit` on the shapes world's pipeline (briefly trained: weights do not
+  change the cost).
+- esd_sd1: the same iteration on the SD-1.x-shaped UNet, timed by parts because one iteration there
+  takes minutes on a CPU: a guided DDIM step of the x_t sampler (UNet on a batch of 2, no gradient) and
+  a training step (two frozen forwards, one forward and backward through the edited UNet, Adam on
+  ESD-x's parameters); an iteration costs on average 24.5 sampler steps (the stop is uniform on 0..49)
+  plus one training step. `--esd-latent` sets the latent side (SD 1.x: 64; default 32, 256 px images,
+  which keeps the backward pass within a few GB).
+
+    OMP_NUM_THREADS=1 python benchmarks/editors_diffusion.py [--concepts 1,10,100] [--esd-iterations 10]
+                                                            [--esd-latent 32] [--skip-sd1-esd]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gc
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modelzoo.editors.esd import EsdEditor, EsdRequest, trainable
+from modelzoo.editors.uce import UceEditor, UceRequest
+from modelzoo.registry.families.base import LoadedModel
+from modelzoo.registry.families.diffusion import sd1_text_encoder, sd1_unet
+
+SD1_VAE: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
+)
+"""Stable Diffusion 1.x's AutoencoderKL (83,653,863 parameters), for the parent's size only."""
+
+
+def _bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def _sd1_model() -> LoadedModel:
+    from transformers import CLIPTokenizer
+
+    from modelzoo.registry.families.clip_tokenizer import clip_tokenizer_files
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in clip_tokenizer_files().items():
+            (Path(tmp) / name).write_bytes(data)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    torch.manual_seed(0)
+    modules = {"unet": sd1_unet().eval(), "text_encoder": sd1_text_encoder().eval()}
+    return LoadedModel(ref="sd1-random", family="diffusion", pipeline=None, modules=modules, tokenizer=tokenizer)
+
+
+def bench_uce(model: LoadedModel, counts: list[int]) -> dict[str, Any]:
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        vae_bytes = _bytes(AutoencoderKL(**SD1_VAE))
+    parent = _bytes(model.modules["unet"]) + _bytes(model.modules["text_encoder"]) + vae_bytes
+    words = ["painting", "style", "artist", "portrait", "landscape", "river", "castle", "forest", "garden", "city"]
+    runs = []
+    for count in counts:
+        concepts = tuple(f"{words[i % len(words)]} {words[(i // len(words)) % len(words)]} number {i}"
+                         for i in range(count))
+        started = time.perf_counter()
+        result = UceEditor().edit(model, UceRequest(erase=concepts))
+        seconds = time.perf_counter() - started
+        child = sum(t.numel() * t.element_size() for t in result.changed.values())
+        runs.append({
+            "concepts": count, "seconds": round(seconds, 3), "edited_rows": result.metrics["concept_rows"]["edited"],
+            "changed_tensors": len(result.changed), "child_bytes": child, "parent_bytes": parent,
+            "child_fraction": round(child / parent, 5), "erase_residual": round(result.metrics["erase_residual"], 5),
+        })
+    return {"model": "SD-1.x UNet + CLIP ViT-L/14 text encoder, random weights, float32", "runs": runs}
+
+
+def bench_esd_tiny(iterations: int) -> dict[str, Any]:
+    from modelzoo.demo.train_diffusion import PROFILES, train_pipeline
+
+    pipe, _ = train_pipeline(dataclasses.replace(PROFILES["quick"], images=256, unet_steps=3), seed=0)
+    model = LoadedModel(ref="shapes", family="diffusion", pipeline=pipe,
+                        modules={"unet": pipe.unet, "text_encoder": pipe.text_encoder}, tokenizer=pipe.tokenizer)
+    times: list[float] = []
+    last = [time.perf_counter()]
+
+    def tick(done: int, total: int, figures: dict[str, float]) -> None:
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+
+    EsdEditor().edit(model, EsdRequest(erase=("a red circle",), iterations=iterations, seed=1), progress=tick)
+    return {
+        "model": "shapes-world pipeline (UNet 0.26M parameters, 16x16x3 latents)",
+        "iterations": iterations, "seconds_per_iteration": round(statistics.mean(times), 4),
+        "median_seconds": round(statistics.median(times), 4),
+        "unet_parameters": sum(p.numel() for p in pipe.unet.parameters()),
+        "trained_parameters": sum(p.numel() for p in trainable(pipe.unet, "xattn").values()),
+    }
+
+
+def _timed(fn: Any, repeats: int) -> float:
+    fn()  # warm-up
+    started = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - started) / repeats
+
+
+def bench_esd_sd1(model: LoadedModel, latent: int, repeats: int) -> dict[str, Any]:
+    unet = model.modules["unet"]
+    frozen = copy.deepcopy(unet).requires_grad_(False)
+    unet.requires_grad_(False)
+    params = trainable(unet, "xattn")
+    for p in params.values():
+        p.requires_grad_(True)
+    optimiser = torch.optim.Adam(list(params.values()), lr=1e-5)
+    x = torch.randn(1, 4, latent, latent)
+    t = torch.tensor(500)
+    c, empty = torch.randn(1, 77, 768), torch.randn(1, 77, 768)
+
+    @torch.no_grad()
+    def sampler_step() -> None:
+        unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([empty, c]))
+
+    def train_step() -> None:
+        with torch.no_grad():
+            e_0 = frozen(x, t, encoder_hidden_states=empty).sample
+            e_p = frozen(x, t, encoder_hidden_states=c).sample
+        loss = torch.nn.functional.mse_loss(unet(x, t, encoder_hidden_states=c).sample, e_0 - (e_p - e_0))
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+
+    sample_s = _timed(sampler_step, repeats)
+    train_s = _timed(train_step, repeats)
+    return {
+        "model": f"SD-1.x UNet, random weights, float32, {latent}x{latent}x4 latents, ESD-x",
+        "sampler_step_seconds": round(sample_s, 3), "train_step_seconds": round(train_s, 3),
+        "seconds_per_iteration": round(24.5 * sample_s + train_s, 2),
+        "trained_parameters": sum(p.numel() for p in params.values()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--concepts", default="1,10,100", help="UCE concept counts, comma-separated")
+    parser.add_argument("--esd-iterations", type=int, default=10, help="ESD iterations timed on the tiny model")
+    parser.add_argument("--esd-latent", type=int, default=32, help="latent side for the SD-1.x ESD timing")
+    parser.add_argument("--esd-repeats", type=int, default=1, help="timed repeats of each SD-1.x ESD part")
+    parser.add_argument("--skip-sd1-esd", action="store_true", help="leave out the SD-1.x ESD timing")
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    report: dict[str, Any] = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__},
+    }
+    report["esd_tiny"] = bench_esd_tiny(args.esd_iterations)
+    model = _sd1_model()
+    report["uce"] = bench_uce(model, [int(n) for n in args.concepts.split(",")])
+    if not args.skip_sd1_esd:
+        report["esd_sd1"] = bench_esd_sd1(model, args.esd_latent, args.esd_repeats)
+    del model
+    gc.collect()
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
