@@ -14,7 +14,7 @@ from PIL import Image
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from modelzoo.cli.output import console, errors, table
-from modelzoo.registry.errors import BadInput
+from modelzoo.registry.errors import BadInput, NotFound
 
 
 def register(app: typer.Typer) -> None:
@@ -67,6 +67,7 @@ def register(app: typer.Typer) -> None:
              for b in built for k, v in b.thresholds.items()],
         )
         show_search(zoo, built, profile, seed)
+        show_edit(zoo, built, quick)
         lineage = zoo.lineage(built[0].ref)
         console.print(f"lineage of {lineage.ref}: {len(lineage.ancestors)} ancestors, "
                       f"{len(lineage.descendants)} descendants (`zoo lineage {lineage.ref}`)")
@@ -100,6 +101,33 @@ def show_search(zoo, built, profile: str, seed: int) -> None:  # type: ignore[no
         [[kind, r["queries"], f"{r['top1']:.2f}", f"{r['top5']:.2f}", f"{r['mAP']:.2f}"]
          for kind in ("text", "image", "sketch") for r in [report[kind]]],
     )
+
+
+def show_edit(zoo, built, quick: bool) -> None:  # type: ignore[no-untyped-def]
+    """Erase a colour from the diffusion model with UCE and measure it with the colour meter: the erased
+    colour's share falls, the others stay. The child is an ordinary registered version with lineage."""
+    from modelzoo.demo.meters import colours_of
+    from modelzoo.demo.shapes import BASIC_COLOURS, SHAPES
+    from modelzoo.editors.uce import UceRequest
+
+    sd = next(b.ref for b in built if b.family == "diffusion")
+    erased, others = "blue", tuple(c for c in BASIC_COLOURS if c != "blue")
+    request = UceRequest(erase=(erased,), preserve=others, templates=tuple(f"a {{}} {s}" for s in SHAPES))
+    name = f"{sd.split('@')[0]}-no-{erased}"
+    try:  # a demo run reuses the edit it made of this very parent
+        existing = [v for v in zoo.versions(name) if [p.ref for p in v.parents] == [sd]]
+    except NotFound:
+        existing = []
+    child = existing[-1] if existing else zoo.edit(sd, "uce", request, name=name)
+    n = 8 if quick else 32
+
+    def share(ref: str, colour: str) -> float:
+        images = np.stack([s.image for s in zoo.sample(ref, range(n), f"a {colour} circle", steps=20, batch_size=n)])
+        return float(np.mean([c == colour for c in colours_of(images)]))
+
+    rows = [[colour, f"{share(sd, colour):.2f}", f"{share(child.ref, colour):.2f}"] for colour in BASIC_COLOURS]
+    table(f"zoo edit uce {sd} --erase {erased} --preserve ...  ->  {child.ref} ({child.added_bytes:,} bytes added)",
+          ["prompt colour", f"share drawn in it: {sd}", child.ref], rows)
 
 
 def quiet_library_progress_bars() -> None:
