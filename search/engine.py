@@ -24,7 +24,8 @@ from modelzoo.search.index import Fingerprint, MomentIndex, open_index, write_in
 from modelzoo.search.indexer import decode_moments
 from modelzoo.search.moments import MomentBatch, Moments, density_scores, frechet_distances, text_scores
 
-DEFAULT_CANDIDATES = 100
+DEFAULT_CANDIDATES = 200
+"""Models reranked exactly per query part: a text score rewards variance too, so the pool is wide."""
 
 
 @dataclass(frozen=True)
