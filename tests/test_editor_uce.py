@@ -265,6 +265,11 @@ def test_erasing_red_towards_another_colour_removes_it_and_keeps_the_others(
 
 @pytest.mark.slow
 def test_debiasing_a_shape_prompt_over_two_colours_approaches_half_and_half(shapes_pipeline_dir: Path) -> None:
+    """The quick model draws "a circle" red every time. Its colour moves continuously with the text
+    conditioning (red -> yellow -> green -> blue), so red/blue has no 50/50 point (the midway images are
+    green); red/yellow, neighbours in hue, does. Measured: the loop stopped after 7 iterations at 49/51 on
+    its 64 seeds; 200 held-out samples read 58% red among those read as red or yellow (21% read as
+    neither), and every colour prompt kept 100% agreement."""
     from modelzoo.demo.meters import colours_of
 
     model = shapes_model(shapes_pipeline_dir)
