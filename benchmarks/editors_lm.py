@@ -33,6 +33,7 @@ tokens, 355 s; z in bfloat16 autocast; 1 CPU thread on a shared 2-core machine),
 |   100 | MEMIT lam 2,000  |     0.89 |       0.76 |         0.63 |  0.75 |
 |   100 | MEMIT lam 4,000  |     0.77 |       0.68 |         0.71 |  0.72 |
 |   100 | AlphaEdit        |     0.89 |       0.75 |         0.61 |  0.73 |
+|   100 | fine-tuning      |     0.68 |       0.20 |         0.40 |  0.33 |
 
 z optimisation took 1,282 s for the 100 requests (12.8 s each, ~21 steps on average at 10 edits), each
 100-edit solve (keys, residuals, 5 closed forms) 35-57 s, each evaluation of 800 prompt pairs ~2 min.
