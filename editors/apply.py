@@ -6,7 +6,7 @@ import time
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
-from modelzoo.editors.base import EditProgress, get_editor
+from modelzoo.editors.base import EditContext, EditProgress, get_editor
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.families.base import get_family
 from modelzoo.registry.records import VersionInfo
@@ -36,6 +36,9 @@ def apply_edit(
     info = registry.info(ref)
     if info.family not in editor.families:
         raise BadInput(f"{info.ref} is a {info.family} model; {method} edits {' or '.join(editor.families)} models")
+    with_context = getattr(editor, "with_context", None)
+    if with_context is not None:
+        request = with_context(request, EditContext(info, registry.settings.home / "cache"))
     model = get_family(info.family).load(registry, info.ref, device)
     started = time.perf_counter()
     try:

@@ -11,12 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.families.base import LoadedModel
+from modelzoo.registry.records import VersionInfo
 
 EditProgress = Callable[[int, int, dict[str, float]], None]
 """Called after every optimisation step with (steps done, total steps, figures such as {"loss": ...})."""
@@ -31,6 +33,16 @@ class EditResult:
     changed: dict[str, torch.Tensor]
     params: dict[str, Any]
     metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EditContext:
+    """Where an edit runs: the parent version and a registry-owned folder for caches that outlive one
+    edit (MEMIT's covariance statistics). Editors that use it define `with_context(request, context)`,
+    returning the request completed from the context; `apply_edit` calls it before `edit`."""
+
+    parent: VersionInfo
+    cache_dir: Path
 
 
 @runtime_checkable

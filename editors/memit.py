@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from modelzoo.editors.base import EditProgress, EditResult, changed_tensors
+from modelzoo.editors.base import EditContext, EditProgress, EditResult, changed_tensors
 from modelzoo.editors.lm_layout import LmLayout, layout_of
 from modelzoo.editors.lm_requests import (
     FactRequest,
@@ -118,8 +118,8 @@ def default_hparams(layout: LmLayout) -> MemitHparams:
 class MemitRequest:
     """A batch of facts to write at once, and any hyperparameter to override.
 
-    `stats_dir` and `model_hash` turn on the cache of C (the CLI sets them to
-    `<home>/cache/memit-stats` and the edited version's manifest hash); `stats_corpus` is a text file
+    `stats_dir` and `model_hash` turn on the cache of C (`apply_edit` sets them, through `with_context`,
+    to `<home>/cache/memit-stats` and the edited version's manifest hash); `stats_corpus` is a text file
     (one document per line, or JSONL with "text"), None for text the model generates itself.
     """
 
@@ -578,6 +578,13 @@ class MemitEditor:
 
     name: ClassVar[str] = "memit"
     families: ClassVar[tuple[str, ...]] = ("lm",)
+
+    def with_context(self, request: Any, context: EditContext) -> Any:
+        """Cache C under the registry, keyed by the parent's manifest hash, unless the caller chose."""
+        if not isinstance(request, MemitRequest) or request.stats_dir is not None:
+            return request
+        stats_dir = str(context.cache_dir / "memit-stats")
+        return replace(request, stats_dir=stats_dir, model_hash=context.parent.manifest_hash)
 
     def edit(self, model: LoadedModel, request: Any, progress: EditProgress | None = None) -> EditResult:
         names = edited_tensors(model, request)

@@ -17,8 +17,6 @@ from modelzoo.editors.lm_requests import FactRequest, load_requests, request_fro
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.records import VersionInfo
 
-STATS_CACHE = Path("cache") / "memit-stats"
-
 
 def parse_layers(text: str) -> tuple[int, ...]:
     """"4-8" -> (4, 5, 6, 7, 8); "3,5,7" -> (3, 5, 7)."""
@@ -95,7 +93,6 @@ def memit(
     request = MemitRequest(
         requests=facts, layers=parse_layers(layers) if layers else None, lam=lam,
         stats_corpus=str(stats_corpus.resolve()) if stats_corpus else None, stats_samples=stats_samples,
-        stats_dir=str(zoo.settings.home / STATS_CACHE), model_hash=info.manifest_hash,
         hparams=parse_hparams(hparam),
     )
     with step_progress(f"{method} {info.ref}", quiet=as_json) as progress:
