@@ -68,6 +68,7 @@ def register(app: typer.Typer) -> None:
         )
         show_search(zoo, built, profile, seed)
         show_edit(zoo, built, quick)
+        show_fact_edit(zoo, built)
         lineage = zoo.lineage(built[0].ref)
         console.print(f"lineage of {lineage.ref}: {len(lineage.ancestors)} ancestors, "
                       f"{len(lineage.descendants)} descendants (`zoo lineage {lineage.ref}`)")
@@ -128,6 +129,39 @@ def show_edit(zoo, built, quick: bool) -> None:  # type: ignore[no-untyped-def]
     rows = [[colour, f"{share(sd, colour):.2f}", f"{share(child.ref, colour):.2f}"] for colour in BASIC_COLOURS]
     table(f"zoo edit uce {sd} --erase {erased} --preserve ...  ->  {child.ref} ({child.added_bytes:,} bytes added)",
           ["prompt colour", f"share drawn in it: {sd}", child.ref], rows)
+
+
+FACT_EDIT_STATS_TOKENS = 8192
+"""Key vectors behind C for the demo's edit: a quarter of MEMIT's default, to keep the demo short."""
+
+
+def show_fact_edit(zoo, built) -> None:  # type: ignore[no-untyped-def]
+    """Write one counterfactual into the real LM with MEMIT and show the fact changed and its neighbours kept."""
+    from modelzoo.demo.train_smollm2 import FACTS_FILE
+    from modelzoo.editors.lm_eval import fact_scores
+    from modelzoo.editors.lm_requests import load_requests
+    from modelzoo.editors.memit import MemitRequest
+
+    smol = next((b.ref for b in built if b.name == "smollm2-135m"), None)
+    if smol is None:  # the quick world has no real LM
+        return
+    fact = load_requests(FACTS_FILE)[0]
+    name = "smollm2-135m-memit"
+    try:
+        existing = [v for v in zoo.versions(name) if [p.ref for p in v.parents] == [smol]]
+    except NotFound:
+        existing = []
+    request = MemitRequest(requests=(fact,), stats_samples=FACT_EDIT_STATS_TOKENS)
+    child = existing[-1] if existing else zoo.edit(smol, "memit", request, name=name)
+    rows = []
+    for ref in (smol, child.ref):
+        model = zoo.load(ref)
+        scores = fact_scores(model.pipeline, model.tokenizer, [fact])
+        text = zoo.sample(ref, [0], fact.text, temperature=0, max_new_tokens=6)[0].text
+        rows.append([ref, f"{fact.text}[bold]{text}[/]", f"{scores.efficacy:.2f}", f"{scores.paraphrase or 0:.2f}",
+                     f"{scores.neighborhood or 0:.2f}"])
+    table(f"zoo edit memit {smol}: {fact.subject!r} -> {fact.target_new!r} (was {fact.target_true!r})",
+          ["version", "greedy completion", "efficacy", "paraphrase", "neighbourhood"], rows)
 
 
 def quiet_library_progress_bars() -> None:

