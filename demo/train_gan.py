@@ -69,10 +69,13 @@ from modelzoo.registry.families.stylegan import (
 Progress = Callable[[int, int, float], None]
 """Called after every training step with (steps done, total steps, seconds since training began)."""
 
-GAN_CONFIG = replace(StyleGanConfig.tiny(), channel_base=256, channel_max=64)
-"""`StyleGanConfig.tiny()` with a quarter of the channels from 8x8 up (64, 32, 16, 8 at 4, 8, 16, 32):
-the 32x32 layers dominate the cost, and one flat-coloured shape needs few channels there (the skip
-generator's 16x16 toRGB already draws most of it)."""
+GAN_CONFIG = replace(StyleGanConfig.tiny(), channel_base=512, channel_max=64)
+"""`StyleGanConfig.tiny()` with half the channels at 16x16 and 32x32 (64, 64, 32, 16 at 4, 8, 16, 32):
+the 32x32 layers dominate the cost, and one flat-coloured shape needs few channels there. A quarter
+(channel_base 256: 8 channels at 32x32) learns circles but rounds off corners, so squares and stars fail."""
+
+QUICK_GAN_CONFIG = replace(GAN_CONFIG, channel_base=256)
+"""The quick profile's smaller generator (64, 32, 16, 8 channels): enough for the quick bar in seconds."""
 
 METER_SAMPLES = 200
 """Samples scored after training: seeds 0..199, the registry's `latents_for_seeds` latents."""
@@ -104,7 +107,7 @@ class TrainingProfile:
     position_jitter: float | None = 0.06
     """Largest offset of a training shape's centre from the image centre, per axis, as a fraction of the
     side; None draws positions anywhere, as the world does (see the module notes)."""
-    d_channel_base: int = 256
+    d_channel_base: int = 512
     d_channel_max: int = 64
     mbstd_group: int = 4
     translate: int = 0
@@ -118,8 +121,10 @@ class TrainingProfile:
 
 
 PROFILES: dict[str, TrainingProfile] = {
-    "full": TrainingProfile("full", steps=600),
-    "quick": TrainingProfile("quick", steps=100, g_lr=0.004, d_lr=0.004),
+    "full": TrainingProfile("full", steps=1000),
+    "quick": TrainingProfile(
+        "quick", steps=150, g_lr=0.004, d_lr=0.004, d_channel_base=256, generator=QUICK_GAN_CONFIG
+    ),
 }
 
 
