@@ -67,11 +67,11 @@ def register(app: typer.Typer) -> None:
              for b in built for k, v in b.thresholds.items()],
         )
         show_search(zoo, built, profile, seed)
-        show_edit(zoo, built, quick)
+        edited = show_edit(zoo, built, quick)
         show_fact_edit(zoo, built)
-        lineage = zoo.lineage(built[0].ref)
-        console.print(f"lineage of {lineage.ref}: {len(lineage.ancestors)} ancestors, "
-                      f"{len(lineage.descendants)} descendants (`zoo lineage {lineage.ref}`)")
+        lineage = zoo.lineage(edited)
+        parents = ", ".join(f"{a.ref} ({a.relation}, {a.method})" for a in lineage.ancestors)
+        console.print(f"lineage of {lineage.ref}: ancestors {parents or 'none'} (`zoo lineage {lineage.ref}`)")
         console.print(f"done in {time.perf_counter() - started:.0f}s. Next: `zoo list`, `zoo show {built[0].ref}`, "
                       f"`zoo sample {built[-1].ref} --n 8 --grid grid.png`")
 
@@ -105,7 +105,7 @@ def show_search(zoo, built, profile: str, seed: int) -> None:  # type: ignore[no
           ["among", "models", "query", "queries", "top-1", "top-5", "mAP"], rows)
 
 
-def show_edit(zoo, built, quick: bool) -> None:  # type: ignore[no-untyped-def]
+def show_edit(zoo, built, quick: bool) -> str:  # type: ignore[no-untyped-def]
     """Erase a colour from the diffusion model with UCE and measure it with the colour meter: the erased
     colour's share falls, the others stay. The child is an ordinary registered version with lineage."""
     from modelzoo.demo.meters import colours_of
@@ -130,6 +130,7 @@ def show_edit(zoo, built, quick: bool) -> None:  # type: ignore[no-untyped-def]
     rows = [[colour, f"{share(sd, colour):.2f}", f"{share(child.ref, colour):.2f}"] for colour in BASIC_COLOURS]
     table(f"zoo edit uce {sd} --erase {erased} --preserve ...  ->  {child.ref} ({child.added_bytes:,} bytes added)",
           ["prompt colour", f"share drawn in it: {sd}", child.ref], rows)
+    return str(child.ref)
 
 
 FACT_EDIT_STATS_TOKENS = 8192

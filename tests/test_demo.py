@@ -43,7 +43,8 @@ def test_quick_world_search_ranks_each_slice_gan_first(world_home, capsys):
     among_gans = retrieval(zoo, QUICK_GAN_SLICES, family="gan")
     assert among_gans["text"]["top1"] >= 0.9 and among_gans["image"]["top1"] >= 0.9, among_gans
     among_all = retrieval(zoo, QUICK_GAN_SLICES)
-    assert among_all["image"]["top1"] >= 0.9 and among_all["text"]["top5"] == 1.0, among_all
+    # The diffusion model, trained on every slice, may come first; the slice's GAN is still in the top 5.
+    assert among_all["image"]["top5"] == 1.0 and among_all["text"]["top5"] == 1.0, among_all
 
 
 @pytest.mark.slow
