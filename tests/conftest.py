@@ -42,6 +42,18 @@ def sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gan_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained generator of the shapes-world GANs' shape, with a real w_avg (warp and compose tests)."""
+    from modelzoo.demo.train_gan import GAN_CONFIG
+    from modelzoo.registry.families.gan import save_gan
+    from modelzoo.registry.families.stylegan import build
+
+    G = build(GAN_CONFIG, seed=0).eval()
+    G.mapping.estimate_w_avg(num_samples=1000)
+    return save_gan(G, GAN_CONFIG, tmp_path_factory.mktemp("tiny-gan") / "gan")
+
+
+@pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     bin_dir = pg_bin()
     if bin_dir is None:

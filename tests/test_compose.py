@@ -16,24 +16,16 @@ from cli_helpers import snapshot, zoo_cli
 from test_editor_warp import UNSEEN, meter_readings, trained_red_circles
 
 import modelzoo
-from modelzoo.demo.train_gan import GAN_CONFIG, sample_images
+from modelzoo.demo.train_gan import sample_images
 from modelzoo.editors.compose import compose
 from modelzoo.editors.warp import WarpRequest
 from modelzoo.registry.errors import BadInput
-from modelzoo.registry.families.gan import load_gan, save_gan
-from modelzoo.registry.families.stylegan import build
+from modelzoo.registry.families.gan import load_gan
 from modelzoo.registry.records import VersionInfo
 
 SEEDS = [{"seed": s} for s in range(5)]
 STRETCH = {"samples": SEEDS, "transform": {"scale_x": 1.3}}
 SHIFT = {"samples": SEEDS, "transform": {"shift_x": 0.15}}
-
-
-@pytest.fixture(scope="module")
-def tiny_gan_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    G = build(GAN_CONFIG, seed=1).eval()
-    G.mapping.estimate_w_avg(num_samples=1000)
-    return save_gan(G, GAN_CONFIG, tmp_path_factory.mktemp("compose-gan") / "gan")
 
 
 @pytest.fixture

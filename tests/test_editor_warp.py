@@ -25,7 +25,7 @@ from modelzoo.demo.train_gan import GAN_CONFIG, PROFILES, sample_images, save, t
 from modelzoo.editors.warp import WarpRequest, default_layer, karras_lr, resolve_layers
 from modelzoo.editors.warp_field import WholeImageTransform, mls_affine, sampling_grid, warp_images
 from modelzoo.registry.errors import BadInput
-from modelzoo.registry.families.gan import load_gan, save_gan
+from modelzoo.registry.families.gan import load_gan
 from modelzoo.registry.families.stylegan import StyleGanConfig, build
 from modelzoo.registry.records import VersionInfo
 
@@ -148,14 +148,6 @@ def test_karras_schedule_ramps_up_then_down_to_zero():
 
 
 # --- the edit on a tiny generator ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def tiny_gan_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained generator of the shapes-world GANs' shape, with a real w_avg."""
-    G = build(GAN_CONFIG, seed=0).eval()
-    G.mapping.estimate_w_avg(num_samples=1000)
-    return save_gan(G, GAN_CONFIG, tmp_path_factory.mktemp("tiny-gan") / "gan")
 
 
 @pytest.fixture
