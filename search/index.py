@@ -168,9 +168,36 @@ def write_index(
     return opened
 
 
+INDEX_FILES = ("meta.json", "rows.npy", "means.npy", "factors.npy", "diags.npy", "index.faiss")
+_opened: dict[Path, tuple[tuple[tuple[int, int, int], ...], MomentIndex]] = {}
+"""Indexes already read by this process, with the state of their files when read: a long-lived process
+searching many times reads a large FAISS file once, not once per query."""
+
+
+def _file_state(directory: Path) -> tuple[tuple[int, int, int], ...] | None:
+    try:
+        return tuple((st.st_ino, st.st_mtime_ns, st.st_size) for st in (os.stat(directory / n) for n in INDEX_FILES))
+    except OSError:
+        return None
+
+
 def open_index(directory: Path, encoder_hash: str) -> MomentIndex | None:
     """The index in `directory`, or None when it is missing, unreadable, of another encoder or format,
-    or inconsistent (the caller then rebuilds it from the database)."""
+    or inconsistent (the caller then rebuilds it from the database). Reuses this process's copy while
+    none of the index's files has changed on disk."""
+    state = _file_state(directory)
+    if state is None:
+        return None
+    cached = _opened.get(directory)
+    if cached is not None and cached[0] == state and cached[1].encoder_hash == encoder_hash:
+        return cached[1]
+    index = _read_index(directory, encoder_hash)
+    if index is not None:
+        _opened[directory] = (state, index)
+    return index
+
+
+def _read_index(directory: Path, encoder_hash: str) -> MomentIndex | None:
     try:
         meta = json.loads((directory / "meta.json").read_text())
         if meta.get("format") != INDEX_FORMAT or meta.get("encoder_hash") != encoder_hash:
