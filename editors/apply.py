@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, fields, is_dataclass, replace
 from typing import Any
 
 from modelzoo.editors.base import EditContext, EditProgress, get_editor
+from modelzoo.registry.derived import DerivedTensors
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.families.base import get_family
 from modelzoo.registry.records import VersionInfo
@@ -14,7 +15,13 @@ from modelzoo.registry.store import Registry
 
 
 def _request_json(request: Any) -> Any:
-    return asdict(request) if is_dataclass(request) and not isinstance(request, type) else request
+    """The request as provenance JSON; fields marked `metadata={"provenance": False}` are runtime handles
+    (a cache, a device), not settings, and are left out."""
+    if not is_dataclass(request) or isinstance(request, type):
+        return request
+    handles = [f.name for f in fields(request) if not f.metadata.get("provenance", True)]
+    settings = asdict(replace(request, **dict.fromkeys(handles)))
+    return {k: v for k, v in settings.items() if k not in handles}
 
 
 def apply_edit(
@@ -38,7 +45,7 @@ def apply_edit(
         raise BadInput(f"{info.ref} is a {info.family} model; {method} edits {' or '.join(editor.families)} models")
     with_context = getattr(editor, "with_context", None)
     if with_context is not None:
-        request = with_context(request, EditContext(info, registry.settings.home / "cache"))
+        request = with_context(request, EditContext(info, DerivedTensors(registry)))
     model = get_family(info.family).load(registry, info.ref, device)
     started = time.perf_counter()
     try:

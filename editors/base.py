@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
+from modelzoo.registry.derived import DerivedTensors
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.families.base import LoadedModel
 from modelzoo.registry.records import VersionInfo
@@ -37,12 +37,12 @@ class EditResult:
 
 @dataclass(frozen=True)
 class EditContext:
-    """Where an edit runs: the parent version and a registry-owned folder for caches that outlive one
+    """Where an edit runs: the parent version and the registry's derived tensors, for what outlives one
     edit (MEMIT's covariance statistics). Editors that use it define `with_context(request, context)`,
     returning the request completed from the context; `apply_edit` calls it before `edit`."""
 
     parent: VersionInfo
-    cache_dir: Path
+    derived: DerivedTensors
 
 
 @runtime_checkable

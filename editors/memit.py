@@ -18,7 +18,8 @@ Both write many facts (subject, relation) -> object into the MLP down-projection
    MEMIT: Delta = R K^T (lam C + K K^T)^-1 (eq. 14), C = E[k k^T] (`memit_stats`).
    AlphaEdit: Delta^T = (P (K K^T + C_prev) + l2 I)^-1 P K R^T, with P = U0 U0^T projecting onto the
    null space of C (its singular vectors whose singular values are below `nullspace_threshold`) and
-   C_prev the K K^T of earlier AlphaEdit edits in the chain (found by the edited weight's hash).
+   C_prev the K K^T of earlier AlphaEdit edits in the chain (a derived tensor of kind `alphaedit-prev`,
+   found by the edited weight's hash).
 
 Module templates and default hyperparameters per architecture: see `default_hparams`.
 """
@@ -47,7 +48,8 @@ from modelzoo.editors.lm_requests import (
     subject_tokens,
     target_ids,
 )
-from modelzoo.editors.memit_stats import LayerStats, save_atomically, second_moments
+from modelzoo.editors.memit_stats import LayerStats, second_moments
+from modelzoo.registry.derived import DerivedTensors
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.families.base import LoadedModel
 from modelzoo.registry.tracing import trace
@@ -118,8 +120,9 @@ def default_hparams(layout: LmLayout) -> MemitHparams:
 class MemitRequest:
     """A batch of facts to write at once, and any hyperparameter to override.
 
-    `stats_dir` and `model_hash` turn on the cache of C (`apply_edit` sets them, through `with_context`,
-    to `<home>/cache/memit-stats` and the edited version's manifest hash); `stats_corpus` is a text file
+    `cache` and `model_hash` turn on the registry's cache of C and of AlphaEdit's earlier keys (`apply_edit`
+    sets them, through `with_context`, to the registry's derived tensors and the edited version's manifest
+    hash; `cache` is a handle, not a setting, so provenance leaves it out); `stats_corpus` is a text file
     (one document per line, or JSONL with "text"), None for text the model generates itself.
     """
 
@@ -128,7 +131,7 @@ class MemitRequest:
     lam: float | None = None
     stats_corpus: str | None = None
     stats_samples: int | None = None
-    stats_dir: str | None = None
+    cache: DerivedTensors | None = field(default=None, compare=False, repr=False, metadata={"provenance": False})
     model_hash: str | None = None
     block_template: str | None = None
     down_proj_template: str | None = None
@@ -400,28 +403,22 @@ def alphaedit_delta(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, C_prev: t
     return torch.linalg.solve(P @ (K @ K.T + C_prev) + l2 * eye, P @ K @ R.T).T
 
 
+PREV_KIND = "alphaedit-prev"
+
+
 def _weight_hash(W: torch.Tensor) -> str:
-    return hashlib.sha256(W.detach().float().contiguous().numpy().tobytes()).hexdigest()[:32]
+    return hashlib.sha256(W.detach().float().contiguous().numpy().tobytes()).hexdigest()
 
 
-def _prev_path(stats_dir: Path, W: torch.Tensor) -> Path:
-    return stats_dir / "alphaedit-prev" / f"{_weight_hash(W)}.safetensors"
-
-
-def _load_prev(stats_dir: str | None, W: torch.Tensor, key_dim: int) -> torch.Tensor:
+def _load_prev(cache: DerivedTensors | None, W: torch.Tensor, key_dim: int) -> torch.Tensor:
     """K K^T of the AlphaEdit edits that produced this weight (zero for a weight no AlphaEdit wrote)."""
-    if stats_dir is not None:
-        path = _prev_path(Path(stats_dir), W)
-        if path.is_file():
-            from safetensors.torch import load_file
-
-            return load_file(str(path))["C_prev"]
-    return torch.zeros(key_dim, key_dim)
+    hit = None if cache is None else cache.get(PREV_KIND, {"weight": _weight_hash(W)})
+    return torch.zeros(key_dim, key_dim) if hit is None else hit.tensor
 
 
-def _save_prev(stats_dir: str | None, W: torch.Tensor, C_prev: torch.Tensor) -> None:
-    if stats_dir is not None:
-        save_atomically(_prev_path(Path(stats_dir), W), {"C_prev": C_prev.float()})
+def _save_prev(cache: DerivedTensors | None, W: torch.Tensor, C_prev: torch.Tensor) -> None:
+    if cache is not None:
+        cache.put(PREV_KIND, {"weight": _weight_hash(W)}, C_prev.float(), {"keys": "K K^T of earlier edits"})
 
 
 # --- the edit --------------------------------------------------------------------------------------------
@@ -453,7 +450,7 @@ class Prepared:
     hp: MemitHparams
     requests: list[FactRequest]
     corpus: Path | None
-    stats_dir: str | None
+    cache: DerivedTensors | None
     model_hash: str | None
 
 
@@ -473,14 +470,14 @@ def prepare(model: LoadedModel, request: Any, method: str = "memit") -> Prepared
         raise BadInput(f"statistics corpus {corpus} is not a file")
     for p in lm.parameters():
         p.requires_grad_(False)
-    return Prepared(lm, tokenizer, layout, hp, list(request.requests), corpus, request.stats_dir, request.model_hash)
+    return Prepared(lm, tokenizer, layout, hp, list(request.requests), corpus, request.cache, request.model_hash)
 
 
 def statistics(prep: Prepared, progress: EditProgress | None = None) -> dict[str, LayerStats]:
     return second_moments(
         prep.lm, prep.tokenizer, [prep.layout.down_name(x) for x in prep.hp.layers], prep.layout.key_dim,
         samples=prep.hp.stats_samples, corpus=prep.corpus, model_hash=prep.model_hash,
-        cache_dir=Path(prep.stats_dir) if prep.stats_dir else None, dtype=getattr(torch, prep.hp.stats_dtype),
+        cache=prep.cache, dtype=getattr(torch, prep.hp.stats_dtype),
         progress=None if progress is None else lambda done, total: progress(done, total, {"stats_tokens": done}),
     )
 
@@ -503,7 +500,7 @@ def update_layers(prep: Prepared, method: str, z_delta: torch.Tensor, templates:
         C = stats[layout.down_name(layer)].C
         if method == "alphaedit":
             P, null_dim = null_space_projector(C, hp.nullspace_threshold)
-            C_prev = _load_prev(prep.stats_dir, weight, layout.key_dim)
+            C_prev = _load_prev(prep.cache, weight, layout.key_dim)
             delta = alphaedit_delta(K, R, P, C_prev, hp.l2)
         else:
             delta = memit_delta(K, R, C, hp.lam)
@@ -512,7 +509,7 @@ def update_layers(prep: Prepared, method: str, z_delta: torch.Tensor, templates:
             weight += (delta.T if layout.weight_is_input_major else delta).to(weight.dtype)
         if method == "alphaedit":
             # AlphaEdit's cache_c: later edits of this weight keep these keys' outputs in place too
-            _save_prev(prep.stats_dir, weight, C_prev + K.double() @ K.double().T)
+            _save_prev(prep.cache, weight, C_prev + K.double() @ K.double().T)
         per_layer[str(layer)] = {
             "residual_norm": round(float(R.norm(dim=0).mean()) * (len(hp.layers) - i), 4),
             "delta_norm": round(float(delta.norm()), 4),
@@ -580,11 +577,10 @@ class MemitEditor:
     families: ClassVar[tuple[str, ...]] = ("lm",)
 
     def with_context(self, request: Any, context: EditContext) -> Any:
-        """Cache C under the registry, keyed by the parent's manifest hash, unless the caller chose."""
-        if not isinstance(request, MemitRequest) or request.stats_dir is not None:
+        """Cache C in the registry, keyed by the parent's manifest hash, unless the caller chose a cache."""
+        if not isinstance(request, MemitRequest) or request.cache is not None:
             return request
-        stats_dir = str(context.cache_dir / "memit-stats")
-        return replace(request, stats_dir=stats_dir, model_hash=context.parent.manifest_hash)
+        return replace(request, cache=context.derived, model_hash=context.parent.manifest_hash)
 
     def edit(self, model: LoadedModel, request: Any, progress: EditProgress | None = None) -> EditResult:
         names = edited_tensors(model, request)

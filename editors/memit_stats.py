@@ -8,17 +8,15 @@ token (top-k 50, batches of 64 sequences, 128 tokens each), so the method works 
 Self-generated keys are accumulated during generation itself (one pass); the first position (the start
 token, whose activations are outliers in most LMs) and positions after an end token are left out.
 
-C is costly, so it is cached as one safetensors file per (model manifest hash, layer module, corpus hash,
-key count, dtype), written atomically (temporary file, then rename) and never pickled. A later edit of
-the same version with the same corpus reads it instead of running the model.
+C is costly, so it is kept in the registry as a derived tensor (`registry/derived.py`, kind
+`memit-stats`) keyed by (model manifest hash, layer module, corpus hash, key count, dtype). A later edit
+of the same version with the same corpus reads it instead of running the model.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -29,9 +27,11 @@ import torch
 from torch import nn
 
 from modelzoo.editors.lm_requests import pad_id
+from modelzoo.registry.derived import DerivedTensors
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.tracing import trace
 
+DERIVED_KIND = "memit-stats"
 SELF_GENERATED = "self-generated"
 GENERATION = {"batch": 64, "length": 128, "top_k": 50, "seed": 0}
 CORPUS_WINDOW = 128  # tokens per corpus window (the reference's GPT-2 uses its 1,024-token context)
@@ -46,9 +46,6 @@ class StatsKey:
     corpus: str  # sha256 of the corpus file, or a hash of the self-generation recipe
     samples: int  # number of key vectors (tokens)
     dtype: str
-
-    def filename(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32] + ".safetensors"
 
 
 @dataclass(frozen=True)
@@ -171,32 +168,6 @@ def _corpus_keys(lm: nn.Module, tokenizer: Any, acc: _Accumulator, modules: Sequ
         raise BadInput(f"the statistics corpus holds {acc.count} tokens; ask for at most that many samples")
 
 
-def save_atomically(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
-    """Write a safetensors file through a temporary file and a rename, so readers never see half of one."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the cache from other users of a shared registry
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def _load(path: Path) -> LayerStats | None:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            return LayerStats(f.get_tensor("C"), int(meta["count"]), True, float(meta["seconds"]))
-    except (OSError, KeyError, ValueError):
-        return None  # missing or unreadable: recompute and overwrite
-
-
 def second_moments(
     lm: nn.Module,
     tokenizer: Any,
@@ -206,26 +177,24 @@ def second_moments(
     samples: int,
     corpus: Path | None = None,
     model_hash: str | None = None,
-    cache_dir: Path | None = None,
+    cache: DerivedTensors | None = None,
     dtype: torch.dtype = torch.float32,
     progress: StatsProgress | None = None,
 ) -> dict[str, LayerStats]:
     """C = E[k k^T] for each named down-projection's input, read from the cache where present.
 
     Layers missing from the cache are computed together in one pass of the model and then cached
-    (when both `cache_dir` and `model_hash` are given)."""
+    (when both `cache` and `model_hash` are given)."""
     if samples < 1:
         raise BadInput(f"statistics need at least one sample, got {samples}")
     chash = corpus_hash(corpus)
     keys = {m: StatsKey(model_hash or "", m, chash, samples, str(dtype).removeprefix("torch.")) for m in modules}
-    caching = cache_dir is not None and model_hash is not None
     found: dict[str, LayerStats] = {}
-    if caching:
-        assert cache_dir is not None
+    if cache is not None and model_hash is not None:
         for m, key in keys.items():
-            stats = _load(cache_dir / key.filename())
-            if stats is not None:
-                found[m] = stats
+            hit = cache.get(DERIVED_KIND, asdict(key))
+            if hit is not None:
+                found[m] = LayerStats(hit.tensor, int(hit.meta["count"]), True, float(hit.meta["seconds"]))
     missing = [m for m in modules if m not in found]
     if not missing:
         return found
@@ -239,9 +208,6 @@ def second_moments(
     for m in missing:
         C = (acc.sums[m] / max(acc.count, 1)).float()
         found[m] = LayerStats(C, acc.count, False, seconds)
-        if caching:
-            assert cache_dir is not None
-            meta = {k: str(v) for k, v in asdict(keys[m]).items()}
-            meta.update(count=str(acc.count), seconds=f"{seconds:.3f}")
-            save_atomically(cache_dir / keys[m].filename(), {"C": C}, meta)
+        if cache is not None and model_hash is not None:
+            cache.put(DERIVED_KIND, asdict(keys[m]), C, {"count": acc.count, "seconds": round(seconds, 3)})
     return found

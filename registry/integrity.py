@@ -1,24 +1,29 @@
-"""`verify` (recompute every blob's hash) and `gc` (remove what no version references)."""
+"""`verify` (recompute every blob's hash) and `gc` (remove what no version or derived tensor references)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from sqlalchemy import delete, select, text, update
 
 from modelzoo.registry.blobs import TEMP_PREFIX
 from modelzoo.registry.records import DamagedBlob, GcReport, VerifyReport
 from modelzoo.registry.refs import resolve
-from modelzoo.registry.schema import Blob, Embedding, ManifestEntry, Model, Version
+from modelzoo.registry.schema import Blob, DerivedTensor, Embedding, ManifestEntry, Model, Version
 from modelzoo.registry.store import GC_LOCK_KEY, Registry
 
 DEFAULT_GRACE_S = 3600.0
 
 
 def verify(registry: Registry, ref: str | None = None) -> VerifyReport:
-    """Check the blobs of one version (or of every version) and name each version a damaged blob affects."""
+    """Check the blobs of one version (or of every version and derived tensor) and name each version a
+    damaged blob affects. A damaged derived tensor is harmless (it is recomputed when next needed)."""
     with registry.db.read() as session:
-        used = select(ManifestEntry.blob_sha256)
+        used: Any = select(ManifestEntry.blob_sha256)
         if ref is not None:
             used = used.where(ManifestEntry.version_id == resolve(session, ref, include_deleted=True).id)
+        else:
+            used = used.union(select(DerivedTensor.blob_sha256))
         blobs = session.scalars(select(Blob).where(Blob.sha256.in_(used)).order_by(Blob.sha256)).all()
     damaged: list[DamagedBlob] = []
     for blob in blobs:
@@ -58,7 +63,7 @@ def gc(registry: Registry, purge_deleted: bool = False, grace_s: float = DEFAULT
             session.execute(delete(Embedding).where(Embedding.version_id.in_(deleted)))
             purge = update(Version).where(Version.status == "deleted").values(status="purged")
             purged = session.execute(purge).rowcount
-        referenced = select(ManifestEntry.blob_sha256)
+        referenced = select(ManifestEntry.blob_sha256).union(select(DerivedTensor.blob_sha256))
         orphans = session.execute(select(Blob.sha256, Blob.location, Blob.nbytes).where(
             Blob.sha256.not_in(referenced))).all()
         session.execute(delete(Blob).where(Blob.sha256.not_in(referenced)))

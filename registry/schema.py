@@ -184,3 +184,18 @@ class Embedding(Base):
     thumbnail: Mapped[str] = mapped_column(String(512), default="")
     seconds: Mapped[float] = mapped_column(Float, default=0.0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class DerivedTensor(Base):
+    """A tensor computed from a version and reused across edits (`registry/derived.py`): MEMIT's key
+    covariance per layer, AlphaEdit's accumulated keys. `key` is the JSON it depends on, `key_hash` its
+    sha256; the tensor is a content-addressed blob, which keeps `verify` and `gc` in charge of it."""
+
+    __tablename__ = "derived_tensors"
+
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key: Mapped[dict[str, Any]]
+    blob_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"), index=True)
+    meta: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

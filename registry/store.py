@@ -224,7 +224,7 @@ class Registry:
                 raise _BlobVanished(blob.sha256)
         if new_blobs:
             session.execute(
-                self._insert_ignore(Blob),
+                self.insert_ignore(Blob),
                 [
                     dict(sha256=b.sha256, kind=b.kind, dtype=b.dtype, shape=list(b.shape) if b.shape else None,
                          nbytes=b.nbytes, location=b.location)
@@ -262,7 +262,8 @@ class Registry:
             session.add(VersionParent(child_id=version.id, parent_id=parent.id, relation=relation, evidence=evidence))
         return version.id
 
-    def _insert_ignore(self, table: type[Blob]) -> Any:
+    def insert_ignore(self, table: type[Blob]) -> Any:
+        """INSERT that skips rows whose key exists (blobs are shared; two writers may add the same one)."""
         dialect = sqlite if self.db.is_sqlite else postgresql
         return dialect.insert(table).on_conflict_do_nothing()
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_helpers import snapshot, zoo_cli
+from sqlalchemy import select
 from test_family_lm import tiny_bpe_tokenizer, tiny_llama
 from tiny_models import tiny_gpt2
 
@@ -16,13 +17,16 @@ from modelzoo.editors.lm_eval import fact_scores, harmonic_mean
 from modelzoo.editors.lm_layout import layout_of
 from modelzoo.editors.lm_requests import load_requests, request_from_json, subject_tokens
 from modelzoo.editors.memit import (
+    PREV_KIND,
     MemitRequest,
     alphaedit_delta,
     default_hparams,
     memit_delta,
     null_space_projector,
 )
+from modelzoo.registry.derived import DerivedTensors
 from modelzoo.registry.errors import BadInput
+from modelzoo.registry.schema import Blob, DerivedTensor
 
 FACTS = [
     {"prompt": "The capital of {} is", "subject": "France", "target_new": "Rome", "target_true": "Paris",
@@ -59,10 +63,14 @@ def lm(zoo, lm_dir):  # type: ignore[no-untyped-def]
 
 
 def _request(zoo, info, facts=FACTS, **options) -> MemitRequest:  # type: ignore[no-untyped-def]
-    return MemitRequest.of(
-        facts, stats_samples=256, stats_dir=str(zoo.settings.home / "cache" / "memit-stats"),
-        model_hash=info.manifest_hash, hparams={**SMALL, **options.pop("hparams", {})}, **options,
-    )
+    return MemitRequest.of(facts, stats_samples=256, hparams={**SMALL, **options.pop("hparams", {})}, **options)
+
+
+def _derived(zoo, kind: str) -> list[DerivedTensor]:  # type: ignore[no-untyped-def]
+    with zoo.registry.db.read() as session:
+        rows = session.scalars(select(DerivedTensor).where(DerivedTensor.kind == kind)).all()
+        session.expunge_all()
+        return list(rows)
 
 
 def test_closed_form_maps_each_key_to_its_target_with_a_tiny_ridge():
@@ -133,8 +141,10 @@ def test_edit_changes_only_the_edited_down_projections_and_records_provenance(zo
 def test_statistics_are_cached_and_reused_without_a_second_pass(zoo, lm, monkeypatch):
     first = zoo.edit(lm.ref, "memit", _request(zoo, lm))
     assert not any(s["cached"] for s in first.metrics["stats"].values())
-    cached = list((zoo.settings.home / "cache" / "memit-stats").glob("*.safetensors"))
+    cached = _derived(zoo, memit_stats.DERIVED_KIND)
     assert len(cached) == len(first.params["hparams"]["layers"])
+    assert {r.key["model"] for r in cached} == {lm.manifest_hash}
+    zoo.gc(grace_s=0)  # the statistics are registry blobs that gc keeps
 
     def no_second_pass(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("statistics recomputed")
@@ -150,14 +160,29 @@ def test_statistics_from_a_corpus_file_are_keyed_by_its_hash(zoo, lm, tmp_path):
     corpus.write_text("The capital of France is Paris.\nA red circle and a blue square.\n" * 40)
     child = zoo.edit(lm.ref, "memit", _request(zoo, lm, stats_corpus=str(corpus)))
     assert child.params["stats"]["corpus"] == str(corpus)
-    files = list((zoo.settings.home / "cache" / "memit-stats").glob("*.safetensors"))
-    from safetensors import safe_open
-
-    with safe_open(str(files[0]), framework="pt") as f:
-        meta = f.metadata()
-        C = f.get_tensor("C")
-    assert meta["corpus"] == memit_stats.corpus_hash(corpus) and meta["model"] == lm.manifest_hash
+    (row, *_) = _derived(zoo, memit_stats.DERIVED_KIND)
+    assert row.key["corpus"] == memit_stats.corpus_hash(corpus) and row.key["model"] == lm.manifest_hash
+    hit = DerivedTensors(zoo.registry).get(memit_stats.DERIVED_KIND, row.key)
+    assert hit is not None and hit.meta["count"] >= 256
+    C = hit.tensor
     assert torch.allclose(C, C.T) and float(torch.linalg.eigvalsh(C.double()).min()) > -1e-6
+
+
+def test_damaged_statistics_are_reported_by_verify_and_recomputed_by_the_next_edit(zoo, lm):
+    zoo.edit(lm.ref, "memit", _request(zoo, lm))
+    (row, *_) = _derived(zoo, memit_stats.DERIVED_KIND)
+    with zoo.registry.db.read() as session:
+        location = session.get(Blob, row.blob_sha256).location
+    path = zoo.settings.blob_dir / location
+    path.chmod(0o644)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    report = zoo.verify()
+    assert [d.sha256 for d in report.damaged] == [row.blob_sha256] and report.damaged[0].versions == []
+    again = zoo.edit(lm.ref, "memit", _request(zoo, lm, lam=5.0))
+    assert not all(s["cached"] for s in again.metrics["stats"].values())
+    assert zoo.verify().damaged == []
 
 
 def test_export_loads_in_transformers_and_reproduces_the_edit(zoo, lm, tmp_path):
@@ -192,8 +217,8 @@ def test_sequential_edits_chain_in_lineage_and_alphaedit_accumulates_earlier_key
     ancestors = [a.ref for a in zoo.lineage(second.ref).ancestors]
     assert first.ref in ancestors and lm.ref in ancestors
     assert second.method == "alphaedit"
-    prev = list((zoo.settings.home / "cache" / "memit-stats" / "alphaedit-prev").glob("*.safetensors"))
-    assert len(prev) == 2 * len(first.params["hparams"]["layers"])
+    assert len(_derived(zoo, PREV_KIND)) == 2 * len(first.params["hparams"]["layers"])
+    assert "cache" not in second.params["request"]
 
 
 def test_llama_style_models_are_edited_in_their_down_proj(zoo, tmp_path):
@@ -273,3 +298,18 @@ def test_request_files_are_read_as_json_jsonl_and_counterfact(tmp_path):
 def test_harmonic_mean_is_zero_when_any_part_fails():
     assert harmonic_mean([1.0, 1.0, 0.0]) == 0.0
     assert harmonic_mean([0.5, 1.0]) == pytest.approx(2 / 3)
+
+
+def test_neighbours_edited_in_the_same_batch_are_left_out_of_the_neighbourhood_score(zoo, lm):
+    """A neighbour that another request rewrites was changed on purpose: it must not count as leakage."""
+    model = zoo.load(lm.ref)
+    france = {"prompt": "The capital of {} is", "subject": "France", "target_new": "Rome", "target_true": "Paris",
+              "neighborhood_prompts": [{"prompt": "The capital of Italy is", "target": "Rome"},
+                                       {"prompt": "The capital of Spain is", "target": "Madrid"}]}
+    italy = {"prompt": "The capital of {} is", "subject": "Italy", "target_new": "Oslo", "target_true": "Rome"}
+    spain_only = {**france, "neighborhood_prompts": france["neighborhood_prompts"][1:]}
+    together = fact_scores(model.pipeline, model.tokenizer, [request_from_json(france), request_from_json(italy)])
+    alone = fact_scores(model.pipeline, model.tokenizer, [request_from_json(france)])
+    expected = fact_scores(model.pipeline, model.tokenizer, [request_from_json(spain_only)])
+    assert (together.neighbors_skipped, alone.neighbors_skipped) == (1, 0)
+    assert together.neighborhood == expected.neighborhood

@@ -30,8 +30,7 @@ def smol(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-d
 
 def _edit_and_score(zoo, info, method: str, n: int):  # type: ignore[no-untyped-def]
     facts = [request_from_json(r) for r in load(DEFAULT_FILE)[:n]]
-    request = MemitRequest(requests=tuple(facts), stats_dir=str(zoo.settings.home / "cache" / "memit-stats"),
-                           model_hash=info.manifest_hash)
+    request = MemitRequest(requests=tuple(facts))
     started = time.perf_counter()
     child = zoo.edit(info.ref, method, request)
     model = zoo.load(child.ref)

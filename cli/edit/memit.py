@@ -1,6 +1,6 @@
 """`zoo edit memit REF --requests FILE [--layers 4-8] [--stats-corpus FILE] [--method memit|alphaedit]`.
 
-The statistics C are cached under `<home>/cache/memit-stats`, keyed by the edited version's manifest hash.
+The statistics C are kept in the registry (derived tensors), keyed by the edited version's manifest hash.
 """
 
 from __future__ import annotations

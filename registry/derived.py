@@ -1,0 +1,80 @@
+"""Derived tensors: what editors compute from a version and reuse across edits (MEMIT's covariance C of
+a layer's keys, AlphaEdit's accumulated K K^T of earlier edits).
+
+They are costly to recompute (minutes of model passes) and cheap to keep, so they live in the registry
+like weights do: the tensor is a content-addressed blob, and a `derived_tensors` row maps (kind, key) to
+it, the key being the JSON of whatever the value depends on (for C: manifest hash, layer, corpus hash,
+sample count, dtype). `zoo verify` checks these blobs, `zoo gc` keeps them, and a PostgreSQL registry
+shares them between everyone who edits the same version. A damaged or missing blob reads as absent, so
+the caller recomputes it and the row is replaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from sqlalchemy import select, text
+
+from modelzoo.registry.errors import Corrupted, NotFound
+from modelzoo.registry.schema import Blob, DerivedTensor
+from modelzoo.registry.store import GC_LOCK_KEY, Registry
+
+
+@dataclass(frozen=True)
+class Derived:
+    tensor: torch.Tensor
+    meta: dict[str, Any]  # what computing it cost and saw (e.g. tokens counted, seconds)
+
+
+def key_hash(kind: str, key: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps({"kind": kind, **key}, sort_keys=True).encode()).hexdigest()
+
+
+class DerivedTensors:
+    def __init__(self, registry: Registry):
+        self.registry = registry
+
+    def get(self, kind: str, key: Mapping[str, Any]) -> Derived | None:
+        with self.registry.db.read() as session:
+            row = session.execute(
+                select(DerivedTensor.meta, Blob.sha256, Blob.location)
+                .join(Blob, Blob.sha256 == DerivedTensor.blob_sha256)
+                .where(DerivedTensor.kind == kind, DerivedTensor.key_hash == key_hash(kind, key))
+            ).first()
+        if row is None:
+            return None
+        meta, sha, location = row
+        try:
+            tensor = self.registry.blobs.get_tensor(sha, location).clone()  # detach from the mapped file
+        except (Corrupted, NotFound):
+            return None  # recomputed by the caller and put again
+        return Derived(tensor, dict(meta))
+
+    def put(self, kind: str, key: Mapping[str, Any], tensor: torch.Tensor, meta: Mapping[str, Any]) -> None:
+        """Store (or replace) the value for (kind, key): the blob first, then one transaction for the rows."""
+        blobs = self.registry.blobs
+        blob = blobs.put_tensor(tensor)
+        if not blob.written and blobs.check(blob.sha256, blob.kind, blob.location) is not None:
+            blobs.delete([blob.location])  # the damaged copy that made `get` miss: write it again
+            blob = blobs.put_tensor(tensor)
+        db = self.registry.db
+        with db.write() as session:
+            if not db.is_sqlite:  # as a commit does: gc cannot remove the blob between check and insert
+                session.execute(text(f"SELECT pg_advisory_xact_lock_shared({GC_LOCK_KEY})"))
+            if not blobs.backend.exists(blob.location):  # gc took an unreferenced twin
+                blob = blobs.put_tensor(tensor)
+            session.execute(self.registry.insert_ignore(Blob), [dict(
+                sha256=blob.sha256, kind=blob.kind, dtype=blob.dtype, shape=list(blob.shape or ()),
+                nbytes=blob.nbytes, location=blob.location)])
+            digest = key_hash(kind, key)
+            row = session.get(DerivedTensor, (kind, digest))
+            if row is None:
+                session.add(DerivedTensor(kind=kind, key_hash=digest, key=dict(key), blob_sha256=blob.sha256,
+                                          meta=dict(meta)))
+            else:
+                row.blob_sha256, row.meta = blob.sha256, dict(meta)
