@@ -1,14 +1,17 @@
 """MEMIT, AlphaEdit and plain fine-tuning on SmolLM2-135M: the CounterFact table, and timings (JSON).
 
     python benchmarks/editors_lm.py table --home H --ref smol [--sizes 1,10,100] [--lams 1000,5000,15000]
-    python benchmarks/editors_lm.py timing --home H --ref smol [--edits 1,100,1000]
+    python benchmarks/editors_lm.py timing --home H --ref smol [--edits 1,100,1000] [--z-limit 100]
+    python benchmarks/editors_lm.py gpt2-small --home H --ref smol   # registers `gpt2-small-shaped`
 
 `table` edits the first 1, 10 and 100 requests of `demo/real_facts.jsonl` (counterfactuals of facts the
 model knows) and scores efficacy, paraphrase, neighborhood and their harmonic mean for MEMIT (each lam),
 AlphaEdit and fine-tuning of the same down-projections. z does not depend on which other requests are
 edited with it, so it is computed once for the 100 and reused. `timing` reports seconds and peak memory
-(RSS high-water mark, per phase) of statistics, z optimisation and the solve. Results are rewritten to
-`--out` after every row, so an interrupted run keeps what it measured.
+(RSS high-water mark, per phase) of statistics, z optimisation and the solve. `gpt2-small` registers a
+random GPT-2-small-shaped model (12 layers, 768 wide, SmolLM2's tokenizer and vocabulary) for `timing`:
+it knows no facts, so its z runs every step (the most a request costs). Results are rewritten to `--out`
+after every row, so an interrupted run keeps what it measured.
 
 Measured on SmolLM2-135M-Instruct (Q4_1 GGUF dequantized; layers 4-8; C from 32,787 self-generated
 tokens, 355 s; z in bfloat16 autocast; 1 CPU thread on a shared 2-core machine), `table --lams
@@ -59,6 +62,7 @@ from modelzoo.editors.lm_eval import fact_scores
 from modelzoo.editors.lm_finetune import finetune
 from modelzoo.editors.lm_requests import request_from_json
 from modelzoo.editors.memit import MemitRequest, compute_z, context_templates, prepare, statistics, update_layers
+from modelzoo.registry.derived import DerivedTensors
 
 
 def _peak_mb() -> float:
@@ -75,10 +79,8 @@ def table(args: argparse.Namespace) -> dict[str, Any]:
     model = zoo.load(info.ref)
     sizes = [int(x) for x in args.sizes.split(",")]
     rows = [request_from_json(r) for r in load(Path(args.requests))[: max(sizes)]]
-    request = MemitRequest(
-        requests=tuple(rows), stats_dir=str(zoo.settings.home / "cache" / "memit-stats"),
-        model_hash=info.manifest_hash, stats_samples=args.stats_samples,
-    )
+    request = MemitRequest(requests=tuple(rows), cache=DerivedTensors(zoo.registry), model_hash=info.manifest_hash,
+                           stats_samples=args.stats_samples)
     prep = prepare(model, request)
     record: dict[str, Any] = {"model": info.ref, "hparams": asdict(prep.hp), "rows": []}
     started = time.perf_counter()
@@ -117,7 +119,7 @@ def table(args: argparse.Namespace) -> dict[str, Any]:
             score(n, "memit", lam=lam, solve_s=round(time.perf_counter() - started, 1))
             restore()
         started = time.perf_counter()
-        update_layers(replace(sub, stats_dir=None), "alphaedit", delta, templates, stats)
+        update_layers(replace(sub, cache=None), "alphaedit", delta, templates, stats)
         score(n, "alphaedit", solve_s=round(time.perf_counter() - started, 1))
         restore()
         started = time.perf_counter()
@@ -136,7 +138,7 @@ def timing(args: argparse.Namespace) -> dict[str, Any]:
     record: dict[str, Any] = {"model": info.ref, "runs": []}
     for n in [int(x) for x in args.edits.split(",")]:
         rows = [facts[i % len(facts)] for i in range(n)]  # repeats beyond the fact set: same cost per edit
-        request = MemitRequest(requests=tuple(rows), stats_dir=str(zoo.settings.home / "cache" / "memit-stats"),
+        request = MemitRequest(requests=tuple(rows), cache=DerivedTensors(zoo.registry),
                                model_hash=info.manifest_hash, stats_samples=args.stats_samples)
         prep = prepare(model, request)
         run: dict[str, Any] = {"edits": n}
@@ -161,9 +163,27 @@ def timing(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
+def gpt2_small(args: argparse.Namespace) -> dict[str, Any]:
+    """Register a random GPT-2-small-shaped LM that uses the tokenizer of `--ref`."""
+    import tempfile
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    zoo = modelzoo.open(args.home)
+    tokenizer = zoo.load(args.ref).tokenizer
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=len(tokenizer),
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        GPT2LMHeadModel(config).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        info = zoo.import_(Path(tmp), "gpt2-small-shaped")
+    return {"registered": str(info.ref), "parameters": sum(t.numel() for t in zoo.tensors(info.ref).values())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["table", "timing"])
+    parser.add_argument("mode", choices=["table", "timing", "gpt2-small"])
     parser.add_argument("--home", required=True)
     parser.add_argument("--ref", required=True)
     parser.add_argument("--requests", default=str(DEFAULT_FILE))
@@ -177,7 +197,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("editors_lm.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    record = table(args) if args.mode == "table" else timing(args)
+    record = {"table": table, "timing": timing, "gpt2-small": gpt2_small}[args.mode](args)
     print(json.dumps(record))
 
 

@@ -4,6 +4,11 @@ For each prompt the length-normalised NLL of the new and of the true target is c
 efficacy = share of rewrite prompts with P(new) > P(true), paraphrase = the same on paraphrase prompts,
 neighborhood = share of neighbourhood prompts whose own true answer stays more likely than the new
 target. Each figure is averaged per request, then over requests; the score is their harmonic mean.
+
+A neighbourhood prompt that is itself the rewrite prompt of a request in the same batch is left out
+(counted in `neighbors_skipped`): that fact was changed on purpose, so keeping its old answer is not what
+an edit should do. CounterFact's 10,000 cases rarely meet this; a fact set of a few hundred facts edited
+100 at a time meets it for most neighbours, and counting them measured the other edits, not leakage.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ class FactScores:
     score: float
     requests: int
     prompts: int
+    neighbors_skipped: int
 
 
 @torch.no_grad()
@@ -62,12 +68,17 @@ def fact_scores(lm: nn.Module, tokenizer: Any, requests: Sequence[FactRequest], 
     # (request, kind, [(prompt, answer that should win), (prompt, answer that should lose)])
     pairs: list[tuple[str, str]] = []
     slots: list[tuple[int, str]] = []
+    edited = {r.text for r in requests}
+    skipped = 0
     for i, r in enumerate(requests):
         assert r.target_true is not None
         for prompt, kind in [(r.text, "efficacy"), *[(p, "paraphrase") for p in r.paraphrase_prompts]]:
             pairs += [(prompt, r.target_new), (prompt, r.target_true)]
             slots.append((i, kind))
         for n in r.neighborhood_prompts:
+            if n.prompt in edited:
+                skipped += 1
+                continue
             pairs += [(n.prompt, n.target or r.target_true), (n.prompt, r.target_new)]
             slots.append((i, "neighborhood"))
     nll = target_nll(lm, tokenizer, pairs, batch)
@@ -89,4 +100,5 @@ def fact_scores(lm: nn.Module, tokenizer: Any, requests: Sequence[FactRequest], 
         score=round(harmonic_mean(present), 4),
         requests=len(requests),
         prompts=len(slots),
+        neighbors_skipped=skipped,
     )
