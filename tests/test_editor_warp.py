@@ -282,7 +282,7 @@ def test_a_missing_or_broken_request_file_and_a_non_gan_version_are_refused(caps
     (tmp_path / "broken.json").write_text("{not json")
     before = snapshot(home)
     cases = [
-        (["circles", "--request", str(tmp_path / "nope.json")], "no request file"),
+        (["circles", "--request", str(tmp_path / "nope.json")], "no warp request file"),
         (["circles", "--request", str(tmp_path / "broken.json")], "cannot read the warp request"),
         (["lm", "--request", str(request)], "lm@1 is a lm model; warp edits gan models"),
         (["circles", "--request", str(request), "--grid", str(tmp_path)], "is a folder"),

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from modelzoo.cli.edit import edit_app
-from modelzoo.cli.edit.uce import render_child, request_from
+from modelzoo.cli.edit._shared import render_child, request_from
 from modelzoo.cli.output import emit, step_progress
 
 
@@ -37,7 +37,7 @@ def esd(
         "erase": erase, "train_method": train_method, "iterations": iterations, "eta": eta, "lr": lr,
         "batch_size": batch_size, "ddim_steps": ddim_steps, "start_guidance": start_guidance, "sampler": sampler,
         "seed": seed,
-    })
+    }, "ESD request")
     with step_progress(f"esd {ref}", quiet=as_json) as progress:
         info = State.zoo().edit(ref, "esd", req, name=name, progress=progress)
     emit(info, as_json, render_child)

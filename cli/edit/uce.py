@@ -2,43 +2,14 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import fields
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from modelzoo.cli.edit import edit_app
-from modelzoo.cli.output import console, emit, step_progress
-from modelzoo.registry.errors import BadInput
-from modelzoo.registry.records import VersionInfo
-
-
-def request_from(cls: type, file: Path | None, flags: dict[str, Any]) -> Any:
-    """The request dataclass from a JSON file, overridden by the flags that were given (not None/empty)."""
-    values: dict[str, Any] = {}
-    if file is not None:
-        try:
-            values = json.loads(file.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise BadInput(f"--request {file}: {e}") from None
-        if not isinstance(values, dict):
-            raise BadInput(f"--request {file} must hold a JSON object")
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise BadInput(f"--request {file}: unknown keys {unknown}; known: {sorted(names)}")
-    values |= {k: v for k, v in flags.items() if v is not None and v != []}
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-
-def render_child(info: VersionInfo) -> None:
-    shown = {k: v for k, v in (info.metrics or {}).items() if not isinstance(v, list | dict)}
-    console.print(f"registered [bold]{info.ref}[/] ({info.method} edit); metrics: {shown}")
-    console.print(f"Next: `zoo diff {info.parents[0].ref if info.parents else info.ref} {info.ref}` or "
-                  f"`zoo sample {info.ref} --prompt ...`")
-
+from modelzoo.cli.edit._shared import render_child, request_from
+from modelzoo.cli.output import emit, step_progress
 
 
 @edit_app.command("uce")
@@ -77,7 +48,7 @@ def uce(
         "erase_scale": erase_scale, "preserve_scale": preserve_scale, "layers": layer,
         "expand_prompts": expand_prompts, "reader": reader, "max_iterations": max_iterations,
         "samples_per_prompt": samples,
-    })
+    }, "UCE request")
     with step_progress(f"uce {ref}", quiet=as_json) as progress:
         info = State.zoo().edit(ref, "uce", req, name=name, progress=progress)
     emit(info, as_json, render_child)

@@ -15,7 +15,6 @@ writes nothing.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import typer
 from PIL import Image
 
 from modelzoo.cli.edit import edit_app
+from modelzoo.cli.edit._shared import read_json_object
 from modelzoo.cli.output import console, emit, step_progress
 from modelzoo.editors.warp import WarpRequest
 from modelzoo.registry.errors import BadInput
@@ -43,18 +43,6 @@ class WarpReport:
     version: VersionInfo
     grid: str
     preview_seeds: list[int]
-
-
-def read_request(path: Path) -> dict[str, object]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BadInput(f"no request file {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInput(f"cannot read the warp request {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise BadInput(f"{path}: a warp request is a JSON object with \"samples\"")
-    return data
 
 
 def preview_seeds(first: int, n: int, request: WarpRequest) -> list[int]:
@@ -126,8 +114,8 @@ def warp(
     from modelzoo.cli.main import State
 
     warp_request = WarpRequest.from_json(
-        read_request(request), layers=tuple(layer) if layer else None, rank=rank, iterations=iterations,
-        lr=lr, loss=loss,
+        read_json_object(request, "warp request"), layers=tuple(layer) if layer else None, rank=rank,
+        iterations=iterations, lr=lr, loss=loss,
     )
     seeds = preview_seeds(preview_seed, preview_n, warp_request)
     if grid is not None:
