@@ -4,7 +4,9 @@ lineage. Everything runs offline on models trained here."""
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -149,8 +151,10 @@ def show_fact_edit(zoo, built) -> None:  # type: ignore[no-untyped-def]
         return
     fact = load_requests(FACTS_FILE)[0]
     name = "smollm2-135m-memit"
+    wanted = json.loads(json.dumps([asdict(fact)]))  # as provenance stores it
     try:
-        existing = [v for v in zoo.versions(name) if [p.ref for p in v.parents] == [smol]]
+        existing = [v for v in zoo.versions(name) if [p.ref for p in v.parents] == [smol]
+                    and v.params.get("request", {}).get("requests") == wanted]
     except NotFound:
         existing = []
     request = MemitRequest(requests=(fact,), stats_samples=FACT_EDIT_STATS_TOKENS)

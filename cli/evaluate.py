@@ -28,7 +28,8 @@ class FactReport:
 
 def _render(report: FactReport) -> None:
     s = report.scores
-    table(f"{report.ref}: {s.requests} facts, {s.prompts} prompts",
+    skipped = f" ({s.neighbors_skipped} neighbours left out: this file rewrites them)" if s.neighbors_skipped else ""
+    table(f"{report.ref}: {s.requests} facts, {s.prompts} prompts{skipped}",
           ["efficacy", "paraphrase", "neighborhood", "score"],
           [[s.efficacy, s.paraphrase, s.neighborhood, s.score]])
 

@@ -13,8 +13,9 @@ Both write many facts (subject, relation) -> object into the MLP down-projection
    one batch: their deltas only touch their own rows and Adam is element-wise, so this is the reference's
    one-request-at-a-time loop, faster.
 2. Layer by layer from L_1 (`memit_main.py`): keys K (key_dim x n), the down-projection's input at the
-   subject's last token averaged over the context templates; residual R = (Z - H) / (layers left), H the
-   current block-L_m outputs on the bare prompts (recomputed after each layer's update);
+   subject's last token averaged over the context templates (the bare prompt weighing one half);
+   residual R = (Z - H) / (layers left), H the current block-L_m outputs on the bare prompts
+   (recomputed after each layer's update);
    MEMIT: Delta = R K^T (lam C + K K^T)^-1 (eq. 14), C = E[k k^T] (`memit_stats`).
    AlphaEdit: Delta^T = (P (K K^T + C_prev) + l2 I)^-1 P K R^T, with P = U0 U0^T projecting onto the
    null space of C (its singular vectors whose singular values are below `nullspace_threshold`) and
@@ -93,13 +94,18 @@ _REFERENCE: dict[str, tuple[int, tuple[int, ...], float, int, float]] = {
     # converge in 25 steps on SmolLM2, measured loss 1.3 vs 0.05)
     "llama": (32, (4, 5, 6, 7, 8), 15000.0, 25, 0.5),
 }
-# lam for shapes where it was measured (`python benchmarks/editors_lm.py table`). The rule: on the model's
-# own fact set (demo/real_facts.py), the largest lam of a doubling grid whose 100-edit efficacy stays
-# >= 0.90 (a larger lam weighs C more and so keeps more of what the model knew). lam's useful range
-# follows the scale of C: SmolLM2's self-generated keys have tr(C) ~ 25 over 1,536 dimensions, and at the
-# reference's 15,000 (or 5,000) not even one edit took. Measured at 100 edits: lam 1,000 efficacy 0.93
-# (neighbourhood 0.59), 2,000 0.89 (0.63), 4,000 0.77 (0.71); at 10 edits 1,000 gave 1.00 (0.94).
-_MEASURED_LAM: dict[tuple[str, int, int], float] = {("llama", 30, 576): 1000.0}  # SmolLM2-135M
+# Values measured for a shape (`python benchmarks/editors_lm.py table` and the lam/threshold sweep in its
+# docstring), by one rule: on the model's own fact set (demo/real_facts.py), the most conservative value
+# of a grid whose 100-edit efficacy stays >= 0.90. MEMIT: the largest lam of a doubling grid (a larger lam
+# weighs C more and so keeps more of what the model knew); AlphaEdit: the smallest null-space threshold
+# of a halving grid (a smaller null space leaves more keys untouched). Both follow the scale of C, which
+# here comes from self-generated text: SmolLM2's keys have tr(C) ~ 23-45 over 1,536 dimensions, and at the
+# reference's lam 15,000 not one edit took. SmolLM2-135M at 100 edits: lam 1,000 efficacy 0.98
+# (neighbourhood 0.76), 2,000 0.98 (0.77), 4,000 0.91 (0.81), 5,000 0.85 (0.83); AlphaEdit threshold
+# 2e-2 0.98 (0.76), 1e-2 0.97 (0.81), 5e-3 0.40 (0.92).
+_MEASURED: dict[tuple[str, int, int], dict[str, float]] = {
+    ("llama", 30, 576): {"lam": 4000.0, "nullspace_threshold": 1e-2},  # SmolLM2-135M
+}
 
 
 def default_hparams(layout: LmLayout) -> MemitHparams:
@@ -107,13 +113,14 @@ def default_hparams(layout: LmLayout) -> MemitHparams:
 
     Layers: the reference's range moved to `round(first * n / n_ref)` and kept as long (capped by the
     model's depth), e.g. Llama-3-8B's 4-8 of 32 is 4-8 of SmolLM2's 30 and 0-1 of a 2-layer test model.
-    lam: the measured value where one exists for the shape, else the reference's.
+    lam and AlphaEdit's null-space threshold: the measured values where they exist for the shape, else
+    the reference's.
     """
     n_ref, ref_layers, lam, steps, lr = _REFERENCE.get(layout.arch, _REFERENCE["llama"])
     count = min(len(ref_layers), layout.n_layers)
     first = min(round(ref_layers[0] * layout.n_layers / n_ref), layout.n_layers - count)
-    lam = _MEASURED_LAM.get((layout.arch, layout.n_layers, layout.hidden), lam)
-    return MemitHparams(layers=tuple(range(first, first + count)), lam=lam, v_steps=steps, v_lr=lr)
+    hp = MemitHparams(layers=tuple(range(first, first + count)), lam=lam, v_steps=steps, v_lr=lr)
+    return replace(hp, **_MEASURED.get((layout.arch, layout.n_layers, layout.hidden), {}))
 
 
 @dataclass(frozen=True)
@@ -348,11 +355,15 @@ def compute_z(lm: nn.Module, tokenizer: Any, layout: LmLayout, hp: MemitHparams,
 @torch.no_grad()
 def keys_at(lm: nn.Module, tokenizer: Any, layout: LmLayout, layer: int, requests: Sequence[FactRequest],
             templates: Sequence[str], batch: int = 64) -> torch.Tensor:
-    """K^T (n, key_dim): the down-projection's input at each subject's last token, averaged over templates."""
+    """K^T (n, key_dim): the down-projection's input at each subject's last token, averaged over templates.
+
+    As the reference's `compute_ks` does: the mean over each kind of template (the bare prompt; the
+    generated prefixes), then the mean of those two, so the bare prompt weighs as much as all prefixes.
+    `templates[0]` is the bare prompt, as `context_templates` returns them."""
     seqs = [subject_tokens(tokenizer, t.format(r.prompt), r.subject) for r in requests for t in templates]
     name = layout.down_name(layer)
-    keys = _at_subjects(lm, tokenizer, name, seqs, batch, use_input=True)
-    return keys.view(len(requests), len(templates), -1).mean(1)
+    keys = _at_subjects(lm, tokenizer, name, seqs, batch, use_input=True).view(len(requests), len(templates), -1)
+    return keys[:, 0] if len(templates) == 1 else (keys[:, 0] + keys[:, 1:].mean(1)) / 2
 
 
 @torch.no_grad()

@@ -123,7 +123,7 @@ def _generate_keys(lm: nn.Module, tokenizer: Any, acc: _Accumulator, modules: Se
                 out = lm(input_ids=ids[:, -1:], cache=past, use_cache=True)
                 if acc.mask is not None:
                     acc.count += int(alive.sum())
-                past = out.past_key_values
+                past = out.cache
                 logits = out.logits[:, -1].float()
                 top = torch.topk(logits, GENERATION["top_k"], dim=-1)
                 pick = torch.multinomial(torch.softmax(top.values, -1).cpu(), 1, generator=gen).to(device)

@@ -21,6 +21,7 @@ from modelzoo.editors.memit import (
     MemitRequest,
     alphaedit_delta,
     default_hparams,
+    keys_at,
     memit_delta,
     null_space_projector,
 )
@@ -117,7 +118,19 @@ def test_default_hyperparameters_follow_the_reference_per_architecture():
     assert (gpt2.layers, gpt2.lam, gpt2.v_steps) == ((13, 14, 15, 16, 17), 20000.0, 20)
     llama = layout_of(smol)
     assert (llama.down_proj, llama.key_dim, llama.hidden) == ("model.layers.{}.mlp.down_proj", 1536, 576)
-    assert default_hparams(llama).layers == (4, 5, 6, 7, 8)
+    assert (default_hparams(llama).layers, default_hparams(llama).lam) == ((4, 5, 6, 7, 8), 4000.0)
+
+
+def test_keys_weigh_the_bare_prompt_as_much_as_all_generated_prefixes(zoo, lm):
+    """The reference's compute_ks: mean over each kind of template, then the mean of the two kinds."""
+    model = zoo.load(lm.ref)
+    layout = layout_of(model.pipeline)
+    (fact,) = [request_from_json(FACTS[0])]
+    templates = ["{}", "It rained. {}", "So. {}"]
+    one = [keys_at(model.pipeline, model.tokenizer, layout, 1, [fact], [t])[0] for t in templates]
+    got = keys_at(model.pipeline, model.tokenizer, layout, 1, [fact], templates)[0]
+    torch.testing.assert_close(got, (one[0] + (one[1] + one[2]) / 2) / 2)
+    assert not torch.allclose(got, sum(one) / 3)
 
 
 def test_subject_last_token_is_found_in_the_filled_prompt():
