@@ -230,8 +230,9 @@ class Zoo:
     def verify(self, ref: str | None = None) -> VerifyReport:
         return integrity.verify(self.registry, ref)
 
-    def gc(self, purge_deleted: bool = False, grace_s: float = integrity.DEFAULT_GRACE_S) -> GcReport:
-        return integrity.gc(self.registry, purge_deleted, grace_s)
+    def gc(self, purge_deleted: bool = False, grace_s: float = integrity.DEFAULT_GRACE_S,
+           drop_derived: bool = False) -> GcReport:
+        return integrity.gc(self.registry, purge_deleted, grace_s, drop_derived)
 
     def tag(self, ref: str, key: str, value: str) -> None:
         self.registry.tag(ref, key, value)

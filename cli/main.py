@@ -233,13 +233,15 @@ def verify(ref: Annotated[str | None, typer.Argument()] = None, as_json: JsonFla
 def gc(
     purge: Annotated[bool, typer.Option("--purge", help="Also free the blobs of deleted versions.")] = False,
     grace: Annotated[float, typer.Option(help="Keep unreferenced files younger than this (seconds).")] = 3600.0,
+    drop_derived: Annotated[bool, typer.Option(
+        "--drop-derived", help="Also drop editor caches (MEMIT statistics); recomputed when next needed.")] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Remove blobs that no version references."""
-    report = State.zoo().gc(purge_deleted=purge, grace_s=grace)
+    """Remove blobs that no version (or kept editor cache) references."""
+    report = State.zoo().gc(purge_deleted=purge, grace_s=grace, drop_derived=drop_derived)
     emit(report, as_json, lambda r: console.print(
         f"removed {r.blobs_removed} blobs ({human_bytes(r.bytes_freed)}), {r.stray_files_removed} stray files, "
-        f"purged {r.versions_purged} deleted versions"
+        f"purged {r.versions_purged} deleted versions, dropped {r.derived_dropped} derived tensors"
     ))
 
 

@@ -46,8 +46,11 @@ def versions_using(registry: Registry, sha256: str) -> list[str]:
         return [f"{name}@{number}" for name, number in rows]
 
 
-def gc(registry: Registry, purge_deleted: bool = False, grace_s: float = DEFAULT_GRACE_S) -> GcReport:
+def gc(registry: Registry, purge_deleted: bool = False, grace_s: float = DEFAULT_GRACE_S,
+       drop_derived: bool = False) -> GcReport:
     """Remove unreferenced blobs, and files no blob row knows that are older than `grace_s`.
+
+    Derived tensors (editor caches) are kept unless `drop_derived`; dropped, they are recomputed on next use.
 
     Files are deleted inside the write transaction, so a commit (which re-checks its blobs inside its own
     transaction) never references a file that gc removed. The grace period protects blobs that an import
@@ -63,6 +66,7 @@ def gc(registry: Registry, purge_deleted: bool = False, grace_s: float = DEFAULT
             session.execute(delete(Embedding).where(Embedding.version_id.in_(deleted)))
             purge = update(Version).where(Version.status == "deleted").values(status="purged")
             purged = session.execute(purge).rowcount
+        dropped = session.execute(delete(DerivedTensor)).rowcount if drop_derived else 0
         referenced = select(ManifestEntry.blob_sha256).union(select(DerivedTensor.blob_sha256))
         orphans = session.execute(select(Blob.sha256, Blob.location, Blob.nbytes).where(
             Blob.sha256.not_in(referenced))).all()
@@ -74,4 +78,4 @@ def gc(registry: Registry, purge_deleted: bool = False, grace_s: float = DEFAULT
             if key not in known or key.rsplit("/", 1)[-1].startswith(TEMP_PREFIX)
         ]
         registry.blobs.delete(stray)
-    return GcReport(len(orphans), sum(n for _, _, n in orphans), len(stray), purged)
+    return GcReport(len(orphans), sum(n for _, _, n in orphans), len(stray), purged, dropped)

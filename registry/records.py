@@ -145,6 +145,7 @@ class GcReport:
     bytes_freed: int
     stray_files_removed: int
     versions_purged: int
+    derived_dropped: int
 
 
 @dataclass(frozen=True)

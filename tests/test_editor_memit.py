@@ -168,6 +168,19 @@ def test_statistics_are_cached_and_reused_without_a_second_pass(zoo, lm, monkeyp
     assert second.metrics["stats"] == {k: {**v, "cached": True} for k, v in first.metrics["stats"].items()}
 
 
+def test_gc_drops_derived_tensors_only_when_asked(zoo, lm, home, capsys):
+    zoo.edit(lm.ref, "memit", _request(zoo, lm))
+    layers = len(_derived(zoo, memit_stats.DERIVED_KIND))
+    r = zoo_cli(capsys, home, "gc", "--grace", "0", "--json")
+    assert r.code == 0 and json.loads(r.out)["derived_dropped"] == 0 and len(_derived(zoo, memit_stats.DERIVED_KIND))
+    r = zoo_cli(capsys, home, "gc", "--grace", "0", "--drop-derived", "--json")
+    report = json.loads(r.out)
+    assert r.code == 0 and report["derived_dropped"] == layers and report["blobs_removed"] == layers
+    assert _derived(zoo, memit_stats.DERIVED_KIND) == [] and zoo.verify().damaged == []
+    again = zoo.edit(lm.ref, "memit", _request(zoo, lm, lam=5.0))
+    assert not any(s["cached"] for s in again.metrics["stats"].values())
+
+
 def test_statistics_from_a_corpus_file_are_keyed_by_its_hash(zoo, lm, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("The capital of France is Paris.\nA red circle and a blue square.\n" * 40)
