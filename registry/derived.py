@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 from sqlalchemy import select, text
+from sqlalchemy.dialects import postgresql, sqlite
 
 from modelzoo.registry.errors import Corrupted, NotFound
-from modelzoo.registry.schema import Blob, DerivedTensor
+from modelzoo.registry.schema import Blob, DerivedTensor, utcnow
 from modelzoo.registry.store import GC_LOCK_KEY, Registry
 
 
@@ -71,10 +72,12 @@ class DerivedTensors:
             session.execute(self.registry.insert_ignore(Blob), [dict(
                 sha256=blob.sha256, kind=blob.kind, dtype=blob.dtype, shape=list(blob.shape or ()),
                 nbytes=blob.nbytes, location=blob.location)])
-            digest = key_hash(kind, key)
-            row = session.get(DerivedTensor, (kind, digest))
-            if row is None:
-                session.add(DerivedTensor(kind=kind, key_hash=digest, key=dict(key), blob_sha256=blob.sha256,
-                                          meta=dict(meta)))
-            else:
-                row.blob_sha256, row.meta = blob.sha256, dict(meta)
+            # an upsert: two editors that computed the same value at once both succeed
+            dialect = sqlite if db.is_sqlite else postgresql
+            values = dict(kind=kind, key_hash=key_hash(kind, key), key=dict(key), blob_sha256=blob.sha256,
+                          meta=dict(meta), created_at=utcnow())
+            insert = dialect.insert(DerivedTensor).values(**values)
+            session.execute(insert.on_conflict_do_update(
+                index_elements=["kind", "key_hash"],
+                set_={"blob_sha256": insert.excluded.blob_sha256, "meta": insert.excluded.meta,
+                      "created_at": insert.excluded.created_at}))

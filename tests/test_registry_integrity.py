@@ -155,3 +155,24 @@ def test_export_of_a_damaged_version_fails_and_leaves_no_folder(zoo, home, gpt2_
     with pytest.raises(Corrupted):
         zoo.export("gpt2@1", tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["zoo"]  # no export, no partial folder
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_derived_tensors_are_kept_replaced_and_shared_through_the_database(home, backend, request):
+    """A second put of the same key replaces the first (upsert), and a second process sees it."""
+    from modelzoo.registry.derived import DerivedTensors
+
+    url = request.getfixturevalue("pg_database") if backend == "postgresql" else None
+    zoo = modelzoo.open(home, url) if url else modelzoo.open(home)
+    key = {"model": "m" * 64, "module": "layer.1", "samples": 8}
+    derived = DerivedTensors(zoo.registry)
+    assert derived.get("memit-stats", key) is None
+    derived.put("memit-stats", key, torch.eye(3), {"count": 8})
+    derived.put("memit-stats", key, 2 * torch.eye(3), {"count": 9})
+    other = DerivedTensors((modelzoo.open(home, url) if url else modelzoo.open(home)).registry)
+    hit = other.get("memit-stats", key)
+    assert hit is not None and torch.equal(hit.tensor, 2 * torch.eye(3)) and hit.meta == {"count": 9}
+    assert other.get("memit-stats", {**key, "samples": 9}) is None
+    report = zoo.gc(grace_s=0)
+    assert report.blobs_removed == 1  # the replaced eye(3); the current value is kept
+    assert zoo.verify().blobs_checked == 1
