@@ -1,5 +1,6 @@
-"""MEMIT and AlphaEdit on the real SmolLM2-135M (slow: about 15 minutes for 10 edits and 40 for 100 on one
-CPU thread; statistics are cached between the two)."""
+"""MEMIT and AlphaEdit on the real SmolLM2-135M (slow: about 12 minutes for the three runs on 2 threads;
+statistics are cached between them). Measured: 10 edits 1.00 / 0.93, 100 edits 0.91 / 0.81 (efficacy /
+neighbourhood)."""
 
 from __future__ import annotations
 
