@@ -1,6 +1,6 @@
 """MEMIT, AlphaEdit and plain fine-tuning on SmolLM2-135M: the CounterFact table, and timings (JSON).
 
-    python benchmarks/editors_lm.py table --home H --ref smol [--sizes 1,10,100] [--lams 1000,5000,15000]
+    python benchmarks/editors_lm.py table --home H --ref smol [--sizes 1,10,100] [--lams 1000,2000,4000,8000]
     python benchmarks/editors_lm.py timing --home H --ref smol [--edits 1,100,1000] [--z-limit 100]
     python benchmarks/editors_lm.py gpt2-small --home H --ref smol   # registers `gpt2-small-shaped`
 
@@ -209,7 +209,7 @@ def main() -> None:
     parser.add_argument("--ref", required=True)
     parser.add_argument("--requests", default=str(DEFAULT_FILE))
     parser.add_argument("--sizes", default="1,10,100")
-    parser.add_argument("--lams", default="1000,5000,15000")
+    parser.add_argument("--lams", default="1000,2000,4000,8000")
     parser.add_argument("--edits", default="1,100,1000")
     parser.add_argument("--z-limit", type=int, default=0, help="optimise z for at most this many requests and "
                         "extrapolate its time linearly (z costs the same per request)")

@@ -217,7 +217,9 @@ def _render_verify(report: VerifyReport) -> None:
         console.print(f"ok: {report.blobs_checked} blobs ({human_bytes(report.bytes_checked)}) match their hashes")
         return
     for d in report.damaged:
-        errors.print(f"damaged blob {d.sha256} ({d.problem}); used by {', '.join(d.versions)}")
+        users = d.versions + [f"editor cache {kind} (recomputed on next use; `zoo gc --drop-derived` drops it)"
+                              for kind in d.derived]
+        errors.print(f"damaged blob {d.sha256} ({d.problem}); used by {', '.join(users) or 'nothing'}")
 
 
 @app.command()

@@ -2,7 +2,7 @@
 
 MEMIT and AlphaEdit are measured on what a pretrained model already knows, so the candidates come from
 common world-knowledge lists (countries' capitals, languages, currencies and continents: four relations)
-and only the facts that the model itself completes correctly are kept (`known_facts`). Each kept fact
+and only the facts that the model itself completes correctly are kept (`answers_correctly`). Each kept fact
 becomes a counterfactual request (Meng et al. 2022, CounterFact): the rewrite prompt, a false
 `target_new` drawn from the same relation's objects, the `target_true`, two paraphrase prompts of the same
 relation, and neighbourhood prompts: other subjects' facts of the same relation with their own true

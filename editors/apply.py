@@ -20,7 +20,7 @@ def _request_json(request: Any) -> Any:
     if not is_dataclass(request) or isinstance(request, type):
         return request
     handles = [f.name for f in fields(request) if not f.metadata.get("provenance", True)]
-    settings = asdict(replace(request, **dict.fromkeys(handles)))
+    settings = asdict(replace(request, **dict.fromkeys(handles)) if handles else request)
     return {k: v for k, v in settings.items() if k not in handles}
 
 
@@ -55,6 +55,10 @@ def apply_edit(
     duration = time.perf_counter() - started
     params = {"request": _request_json(request), **result.params}
     metrics = {**result.metrics, "edit_seconds": round(duration, 3)}
-    return registry.commit(
+    child = registry.commit(
         info.ref, result.changed, method, params, metrics, name=name, relation="edit", duration_s=duration
     )
+    derived = DerivedTensors(registry)
+    for value in result.derived:
+        derived.put(value.kind, value.key, value.tensor, value.meta)
+    return child

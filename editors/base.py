@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
-from modelzoo.registry.derived import DerivedTensors
+from modelzoo.registry.derived import DerivedTensors, DerivedValue
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.families.base import LoadedModel
 from modelzoo.registry.records import VersionInfo
@@ -28,11 +28,13 @@ EditProgress = Callable[[int, int, dict[str, float]], None]
 class EditResult:
     """What an edit produced. `changed` maps registry tensor names to their new values (only those that
     differ from the parent); `params` is every setting the edit used, defaults included, so the
-    provenance alone can reproduce it; `metrics` holds what the editor measured."""
+    provenance alone can reproduce it; `metrics` holds what the editor measured; `derived` are values
+    for the registry's derived tensors that depend on the child, stored only after it is committed."""
 
     changed: dict[str, torch.Tensor]
     params: dict[str, Any]
     metrics: dict[str, Any] = field(default_factory=dict)
+    derived: list[DerivedValue] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,8 @@ def load_requests(path: Path) -> list[FactRequest]:
         text = path.read_text()
     except OSError as e:
         raise BadInput(f"cannot read requests file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise BadInput(f"requests file {path} is not UTF-8 text") from None
     rows: list[Any]
     try:
         if path.suffix == ".jsonl":

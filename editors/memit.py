@@ -50,7 +50,7 @@ from modelzoo.editors.lm_requests import (
     target_ids,
 )
 from modelzoo.editors.memit_stats import LayerStats, second_moments
-from modelzoo.registry.derived import DerivedTensors
+from modelzoo.registry.derived import DerivedTensors, DerivedValue
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.families.base import LoadedModel
 from modelzoo.registry.tracing import trace
@@ -427,9 +427,9 @@ def _load_prev(cache: DerivedTensors | None, W: torch.Tensor, key_dim: int) -> t
     return torch.zeros(key_dim, key_dim) if hit is None else hit.tensor
 
 
-def _save_prev(cache: DerivedTensors | None, W: torch.Tensor, C_prev: torch.Tensor) -> None:
-    if cache is not None:
-        cache.put(PREV_KIND, {"weight": _weight_hash(W)}, C_prev.float(), {"keys": "K K^T of earlier edits"})
+def _prev_value(W: torch.Tensor, C_prev: torch.Tensor, new_keys: int) -> DerivedValue:
+    """What a later AlphaEdit of the weight W needs: K K^T of every edit that led to it."""
+    return DerivedValue(PREV_KIND, {"weight": _weight_hash(W)}, C_prev.float(), {"new_keys": new_keys})
 
 
 # --- the edit --------------------------------------------------------------------------------------------
@@ -494,12 +494,15 @@ def statistics(prep: Prepared, progress: EditProgress | None = None) -> dict[str
 
 
 def update_layers(prep: Prepared, method: str, z_delta: torch.Tensor, templates: Sequence[str],
-                  stats: dict[str, LayerStats], progress: EditProgress | None = None) -> dict[str, dict[str, Any]]:
+                  stats: dict[str, LayerStats], progress: EditProgress | None = None,
+                  ) -> tuple[dict[str, dict[str, Any]], list[DerivedValue]]:
     """MEMIT's (or AlphaEdit's) closed-form update of each edited layer in turn, written into the model.
+    Returns figures per layer and, for AlphaEdit, the accumulated keys of each new weight to keep.
 
     z = h + delta with h read in float32 from the unedited model (delta came from a bfloat16 pass)."""
     lm, tokenizer, layout, hp, requests = prep.lm, prep.tokenizer, prep.layout, prep.hp, prep.requests
     per_layer = {}
+    derived: list[DerivedValue] = []
     Z = torch.empty(0)
     for i, layer in enumerate(hp.layers):
         K = keys_at(lm, tokenizer, layout, layer, requests, templates).T  # (key_dim, n)
@@ -520,7 +523,7 @@ def update_layers(prep: Prepared, method: str, z_delta: torch.Tensor, templates:
             weight += (delta.T if layout.weight_is_input_major else delta).to(weight.dtype)
         if method == "alphaedit":
             # AlphaEdit's cache_c: later edits of this weight keep these keys' outputs in place too
-            _save_prev(prep.cache, weight, C_prev + K.double() @ K.double().T)
+            derived.append(_prev_value(weight, C_prev + K.double() @ K.double().T, K.shape[1]))
         per_layer[str(layer)] = {
             "residual_norm": round(float(R.norm(dim=0).mean()) * (len(hp.layers) - i), 4),
             "delta_norm": round(float(delta.norm()), 4),
@@ -529,7 +532,7 @@ def update_layers(prep: Prepared, method: str, z_delta: torch.Tensor, templates:
         }
         if progress is not None:
             progress(i + 1, len(hp.layers), {"layer": float(layer)})
-    return per_layer
+    return per_layer, derived
 
 
 def run_memit(model: LoadedModel, request: MemitRequest, method: str = "memit",
@@ -549,7 +552,7 @@ def run_memit(model: LoadedModel, request: MemitRequest, method: str = "memit",
     timings.z_s = z.seconds
 
     started = time.perf_counter()
-    per_layer = update_layers(prep, method, z.delta, templates, stats, progress)
+    per_layer, derived = update_layers(prep, method, z.delta, templates, stats, progress)
     timings.solve_s = time.perf_counter() - started
 
     params = {
@@ -572,7 +575,7 @@ def run_memit(model: LoadedModel, request: MemitRequest, method: str = "memit",
         "z_loss_mean": round(sum(z.losses) / len(z.losses), 4),
         "layers": per_layer,
     }
-    return EditResult(changed={}, params=params, metrics=metrics)
+    return EditResult(changed={}, params=params, metrics=metrics, derived=derived)
 
 
 def edited_tensors(model: LoadedModel, request: Any) -> list[str]:

@@ -168,12 +168,13 @@ class BlobStore:
     def __init__(self, backend: BlobBackend):
         self.backend = backend
 
-    def put_tensor(self, tensor: torch.Tensor) -> StoredBlob:
+    def put_tensor(self, tensor: torch.Tensor, overwrite: bool = False) -> StoredBlob:
+        """Store a tensor under its hash; `overwrite` rewrites (atomically) a copy found to be damaged."""
         dtype, shape = dtype_name(tensor.dtype), tuple(tensor.shape)
         data = tensor_bytes(tensor)
         sha = tensor_digest(dtype, shape, data)
         key = blob_key(sha, "tensor")
-        written = not self.backend.exists(key)
+        written = overwrite or not self.backend.exists(key)
         if written:
             contiguous = tensor.detach().cpu().contiguous()
             self.backend.write_atomic(key, lambda f: write_tensors(f, {BLOB_TENSOR_NAME: contiguous}))

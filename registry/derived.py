@@ -18,12 +18,25 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from sqlalchemy import select, text
+from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
 
 from modelzoo.registry.errors import Corrupted, NotFound
 from modelzoo.registry.schema import Blob, DerivedTensor, utcnow
-from modelzoo.registry.store import GC_LOCK_KEY, Registry
+from modelzoo.registry.store import Registry
+
+
+@dataclass(frozen=True)
+class DerivedValue:
+    """A value to store under (kind, key): what an editor hands back for `apply_edit` to keep once the
+    child version is committed (AlphaEdit's keys belong to the child's weights, so they must not outlive
+    an edit that registered nothing)."""
+
+    kind: str
+    key: dict[str, Any]
+    tensor: torch.Tensor
+    meta: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -61,23 +74,22 @@ class DerivedTensors:
         blobs = self.registry.blobs
         blob = blobs.put_tensor(tensor)
         if not blob.written and blobs.check(blob.sha256, blob.kind, blob.location) is not None:
-            blobs.delete([blob.location])  # the damaged copy that made `get` miss: write it again
+            blob = blobs.put_tensor(tensor, overwrite=True)  # the damaged copy that made `get` miss
+
+        def restage() -> None:
+            nonlocal blob
             blob = blobs.put_tensor(tensor)
-        db = self.registry.db
-        with db.write() as session:
-            if not db.is_sqlite:  # as a commit does: gc cannot remove the blob between check and insert
-                session.execute(text(f"SELECT pg_advisory_xact_lock_shared({GC_LOCK_KEY})"))
-            if not blobs.backend.exists(blob.location):  # gc took an unreferenced twin
-                blob = blobs.put_tensor(tensor)
-            session.execute(self.registry.insert_ignore(Blob), [dict(
-                sha256=blob.sha256, kind=blob.kind, dtype=blob.dtype, shape=list(blob.shape or ()),
-                nbytes=blob.nbytes, location=blob.location)])
+
+        def upsert(session: Session) -> None:
+            self.registry.claim_blobs(session, [blob])
             # an upsert: two editors that computed the same value at once both succeed
-            dialect = sqlite if db.is_sqlite else postgresql
-            values = dict(kind=kind, key_hash=key_hash(kind, key), key=dict(key), blob_sha256=blob.sha256,
-                          meta=dict(meta), created_at=utcnow())
-            insert = dialect.insert(DerivedTensor).values(**values)
+            dialect = sqlite if self.registry.db.is_sqlite else postgresql
+            insert = dialect.insert(DerivedTensor).values(
+                kind=kind, key_hash=key_hash(kind, key), key=dict(key), blob_sha256=blob.sha256, meta=dict(meta),
+                created_at=utcnow())
             session.execute(insert.on_conflict_do_update(
                 index_elements=["kind", "key_hash"],
                 set_={"blob_sha256": insert.excluded.blob_sha256, "meta": insert.excluded.meta,
                       "created_at": insert.excluded.created_at}))
+
+        self.registry.write_retrying(upsert, restage)

@@ -29,7 +29,8 @@ def verify(registry: Registry, ref: str | None = None) -> VerifyReport:
     for blob in blobs:
         problem = registry.blobs.check(blob.sha256, blob.kind, blob.location)
         if problem is not None:
-            damaged.append(DamagedBlob(blob.sha256, problem, versions_using(registry, blob.sha256)))
+            damaged.append(DamagedBlob(blob.sha256, problem, versions_using(registry, blob.sha256),
+                                       derived_using(registry, blob.sha256)))
     return VerifyReport(len(blobs), sum(b.nbytes for b in blobs), damaged)
 
 
@@ -44,6 +45,12 @@ def versions_using(registry: Registry, sha256: str) -> list[str]:
             .order_by(Model.name, Version.number)
         )
         return [f"{name}@{number}" for name, number in rows]
+
+
+def derived_using(registry: Registry, sha256: str) -> list[str]:
+    with registry.db.read() as session:
+        kinds = session.scalars(select(DerivedTensor.kind).where(DerivedTensor.blob_sha256 == sha256).distinct())
+        return sorted(kinds)
 
 
 def gc(registry: Registry, purge_deleted: bool = False, grace_s: float = DEFAULT_GRACE_S,

@@ -126,6 +126,7 @@ class DamagedBlob:
     sha256: str
     problem: str
     versions: list[str]
+    derived: list[str]  # kinds of editor caches (derived tensors) that hold it
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import version as package_version
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from sqlalchemy import delete, func, select, text
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 EntryKey = tuple[str, str]  # (kind, name): kind is "tensor" or "file"
 Staged = dict[EntryKey, StoredBlob]
+T = TypeVar("T")
 WRITE_ATTEMPTS = 20
 STAGING_THREADS = 2
 # import, train, finetune, edit, merge, compose, quantize, distill; plugins may add their own
@@ -185,12 +186,24 @@ class Registry:
         for _, relation, _ in spec.parents:
             if not RELATION_PATTERN.match(relation):
                 raise BadInput(f"invalid relation {relation!r}: lower-case letters, digits, '-' or '_'")
+
+        def restage_all() -> None:
+            nonlocal staged
+            assert restage is not None
+            staged = restage()
+
+        version_id = self.write_retrying(lambda session: self._insert_version(session, spec, staged),
+                                         restage_all if restage is not None else None)
+        return self.info_by_id(version_id)
+
+    def write_retrying(self, body: Callable[[Session], T], restage: Callable[[], None] | None = None) -> T:
+        """Run `body` in a write transaction once the blobs written so far are durable; retried on write
+        conflicts, and after `restage` when a blob it claims was removed by a concurrent gc."""
         for attempt in range(WRITE_ATTEMPTS):
             try:
                 self.blobs.sync()
                 with self.db.write() as session:
-                    version_id = self._insert_version(session, spec, staged)
-                return self.info_by_id(version_id)
+                    return body(session)
             except Exception as error:
                 if not _is_retryable(error) or attempt == WRITE_ATTEMPTS - 1:
                     raise
@@ -199,24 +212,17 @@ class Registry:
                 if isinstance(error, _BlobVanished):
                     if restage is None:
                         raise
-                    staged = restage()
+                    restage()
         raise AssertionError("unreachable")
 
-    def _insert_version(self, session: Session, spec: NewVersion, staged: Staged) -> int:
+    def claim_blobs(self, session: Session, blobs: Iterable[StoredBlob]) -> list[StoredBlob]:
+        """Insert the rows of blobs this transaction will reference; return those that were new.
+
+        On PostgreSQL under gc's lock held shared, so gc cannot remove a file between the check that it
+        is still there (staging may have found it present, then a gc ran) and the commit."""
         if not self.db.is_sqlite:
             session.execute(text(f"SELECT pg_advisory_xact_lock_shared({GC_LOCK_KEY})"))
-        parents = [(resolve(session, ref), relation, evidence) for ref, relation, evidence in spec.parents]
-        model = session.scalar(select(Model).where(Model.name == spec.model).with_for_update())
-        if model is None:
-            model = Model(name=spec.model, family=spec.family, description=spec.description, next_number=1)
-            session.add(model)
-            session.flush()
-        elif model.family != spec.family:
-            raise BadInput(f"model {spec.model!r} is a {model.family} model, not {spec.family}")
-        for key, value in spec.model_tags.items():
-            self._set_tag(session, model, None, key, value)
-
-        shas = {blob.sha256: blob for blob in staged.values()}
+        shas = {blob.sha256: blob for blob in blobs}
         existing = self._existing_blobs(session, list(shas))
         new_blobs = [b for sha, b in shas.items() if sha not in existing]
         for blob in shas.values():
@@ -231,6 +237,23 @@ class Registry:
                     for b in new_blobs
                 ],
             )
+        return new_blobs
+
+    def _insert_version(self, session: Session, spec: NewVersion, staged: Staged) -> int:
+        if not self.db.is_sqlite:  # taken before the model row, as gc takes it before anything else
+            session.execute(text(f"SELECT pg_advisory_xact_lock_shared({GC_LOCK_KEY})"))
+        parents = [(resolve(session, ref), relation, evidence) for ref, relation, evidence in spec.parents]
+        model = session.scalar(select(Model).where(Model.name == spec.model).with_for_update())
+        if model is None:
+            model = Model(name=spec.model, family=spec.family, description=spec.description, next_number=1)
+            session.add(model)
+            session.flush()
+        elif model.family != spec.family:
+            raise BadInput(f"model {spec.model!r} is a {model.family} model, not {spec.family}")
+        for key, value in spec.model_tags.items():
+            self._set_tag(session, model, None, key, value)
+
+        new_blobs = self.claim_blobs(session, staged.values())
         number = model.next_number
         model.next_number = number + 1
         version = Version(

@@ -194,7 +194,7 @@ def test_statistics_from_a_corpus_file_are_keyed_by_its_hash(zoo, lm, tmp_path):
     assert torch.allclose(C, C.T) and float(torch.linalg.eigvalsh(C.double()).min()) > -1e-6
 
 
-def test_damaged_statistics_are_reported_by_verify_and_recomputed_by_the_next_edit(zoo, lm):
+def test_damaged_statistics_are_reported_by_verify_and_recomputed_by_the_next_edit(zoo, lm, home, capsys):
     zoo.edit(lm.ref, "memit", _request(zoo, lm))
     (row, *_) = _derived(zoo, memit_stats.DERIVED_KIND)
     with zoo.registry.db.read() as session:
@@ -206,6 +206,8 @@ def test_damaged_statistics_are_reported_by_verify_and_recomputed_by_the_next_ed
     path.write_bytes(bytes(data))
     report = zoo.verify()
     assert [d.sha256 for d in report.damaged] == [row.blob_sha256] and report.damaged[0].versions == []
+    r = zoo_cli(capsys, home, "verify")
+    assert r.code == 1 and "editor cache memit-stats (recomputed on next use" in r.err
     again = zoo.edit(lm.ref, "memit", _request(zoo, lm, lam=5.0))
     assert not all(s["cached"] for s in again.metrics["stats"].values())
     assert zoo.verify().damaged == []
@@ -319,6 +321,10 @@ def test_request_files_are_read_as_json_jsonl_and_counterfact(tmp_path):
     bad.write_text("{not json\n")
     with pytest.raises(BadInput, match="not valid JSONL"):
         load_requests(bad)
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe\x00{")
+    with pytest.raises(BadInput, match="not UTF-8"):
+        load_requests(binary)
 
 
 def test_harmonic_mean_is_zero_when_any_part_fails():

@@ -283,3 +283,22 @@ def test_debiasing_a_shape_prompt_over_two_colours_approaches_half_and_half(shap
     read = colours_of((images * 255).round().clip(0, 255).astype(np.uint8), ("red", "yellow"))
     red, yellow = read.count("red"), read.count("yellow")
     assert abs(red / (red + yellow) - 0.5) <= 0.1, (red, yellow, result.metrics)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no UCE request file"),
+    ("{broken", "cannot read the UCE request"),
+    ("[1, 2]", "a UCE request is a JSON object, not list"),
+    ('{"erase": ["cat"], "earse": ["dog"]}', "unknown keys ['earse']"),
+])
+def test_cli_request_file_errors_are_one_line_and_register_nothing(
+    capsys: pytest.CaptureFixture[str], home: Path, sd_dir: Path, tmp_path: Path, content: str | None, message: str
+) -> None:
+    assert zoo_cli(capsys, home, "import", str(sd_dir), "--name", "sd").code == 0
+    path = tmp_path / "request.json"
+    if content is not None:
+        path.write_text(content)
+    before = snapshot(home)
+    result = zoo_cli(capsys, home, "edit", "uce", "sd", "--request", str(path))
+    assert result.code == 2 and message in result.err and len(result.err.strip().splitlines()) == 1, result.err
+    assert snapshot(home) == before

@@ -159,7 +159,7 @@ def test_export_of_a_damaged_version_fails_and_leaves_no_folder(zoo, home, gpt2_
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_derived_tensors_are_kept_replaced_and_shared_through_the_database(home, backend, request):
-    """A second put of the same key replaces the first (upsert), and a second process sees it."""
+    """A second put of the same key replaces the first (upsert), and another registry handle reads it."""
     from modelzoo.registry.derived import DerivedTensors
 
     url = request.getfixturevalue("pg_database") if backend == "postgresql" else None
