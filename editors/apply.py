@@ -60,5 +60,5 @@ def apply_edit(
     )
     derived = DerivedTensors(registry)
     for value in result.derived:
-        derived.put(value.kind, value.key, value.tensor, value.meta)
+        derived.put(value.kind, value.key, value.tensor, value.meta, depends_on=child.manifest_hash)
     return child

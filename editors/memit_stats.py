@@ -209,5 +209,6 @@ def second_moments(
         C = (acc.sums[m] / max(acc.count, 1)).float()
         found[m] = LayerStats(C, acc.count, False, seconds)
         if cache is not None and model_hash is not None:
-            cache.put(DERIVED_KIND, asdict(keys[m]), C, {"count": acc.count, "seconds": round(seconds, 3)})
+            cache.put(DERIVED_KIND, asdict(keys[m]), C, {"count": acc.count, "seconds": round(seconds, 3)},
+                      depends_on=model_hash)
     return found

@@ -69,8 +69,10 @@ class DerivedTensors:
             return None  # recomputed by the caller and put again
         return Derived(tensor, dict(meta))
 
-    def put(self, kind: str, key: Mapping[str, Any], tensor: torch.Tensor, meta: Mapping[str, Any]) -> None:
-        """Store (or replace) the value for (kind, key): the blob first, then one transaction for the rows."""
+    def put(self, kind: str, key: Mapping[str, Any], tensor: torch.Tensor, meta: Mapping[str, Any],
+            depends_on: str | None = None) -> None:
+        """Store (or replace) the value for (kind, key): the blob first, then one transaction for the rows.
+        `depends_on` is the manifest hash of the version it was computed from (see `DerivedTensor`)."""
         blobs = self.registry.blobs
         blob = blobs.put_tensor(tensor)
         if not blob.written and blobs.check(blob.sha256, blob.kind, blob.location) is not None:
@@ -86,10 +88,9 @@ class DerivedTensors:
             dialect = sqlite if self.registry.db.is_sqlite else postgresql
             insert = dialect.insert(DerivedTensor).values(
                 kind=kind, key_hash=key_hash(kind, key), key=dict(key), blob_sha256=blob.sha256, meta=dict(meta),
-                created_at=utcnow())
+                depends_on=depends_on, created_at=utcnow())
             session.execute(insert.on_conflict_do_update(
                 index_elements=["kind", "key_hash"],
-                set_={"blob_sha256": insert.excluded.blob_sha256, "meta": insert.excluded.meta,
-                      "created_at": insert.excluded.created_at}))
+                set_={name: insert.excluded[name] for name in ("blob_sha256", "meta", "depends_on", "created_at")}))
 
         self.registry.write_retrying(upsert, restage)

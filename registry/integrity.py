@@ -57,7 +57,8 @@ def gc(registry: Registry, purge_deleted: bool = False, grace_s: float = DEFAULT
        drop_derived: bool = False) -> GcReport:
     """Remove unreferenced blobs, and files no blob row knows that are older than `grace_s`.
 
-    Derived tensors (editor caches) are kept unless `drop_derived`; dropped, they are recomputed on next use.
+    Derived tensors (editor caches) are kept unless `drop_derived`, or, with `purge_deleted`, once every
+    version they were computed from is purged; dropped, they are recomputed on next use.
 
     Files are deleted inside the write transaction, so a commit (which re-checks its blobs inside its own
     transaction) never references a file that gc removed. The grace period protects blobs that an import
@@ -73,7 +74,14 @@ def gc(registry: Registry, purge_deleted: bool = False, grace_s: float = DEFAULT
             session.execute(delete(Embedding).where(Embedding.version_id.in_(deleted)))
             purge = update(Version).where(Version.status == "deleted").values(status="purged")
             purged = session.execute(purge).rowcount
-        dropped = session.execute(delete(DerivedTensor)).rowcount if drop_derived else 0
+        if drop_derived:
+            dropped = session.execute(delete(DerivedTensor)).rowcount
+        elif purge_deleted:  # values computed from versions that are all purged now
+            live = select(Version.manifest_hash).where(Version.status != "purged")
+            dropped = session.execute(delete(DerivedTensor).where(
+                DerivedTensor.depends_on.is_not(None), DerivedTensor.depends_on.not_in(live))).rowcount
+        else:
+            dropped = 0
         referenced = select(ManifestEntry.blob_sha256).union(select(DerivedTensor.blob_sha256))
         orphans = session.execute(select(Blob.sha256, Blob.location, Blob.nbytes).where(
             Blob.sha256.not_in(referenced))).all()

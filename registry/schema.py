@@ -198,4 +198,7 @@ class DerivedTensor(Base):
     key: Mapped[dict[str, Any]]
     blob_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"), index=True)
     meta: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Manifest hash of the version it was computed from: `gc --purge` drops the row once no unpurged
+    # version has that manifest. NULL for values that depend on no version.
+    depends_on: Mapped[str | None] = mapped_column(String(64), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

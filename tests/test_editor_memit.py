@@ -194,6 +194,18 @@ def test_statistics_from_a_corpus_file_are_keyed_by_its_hash(zoo, lm, tmp_path):
     assert torch.allclose(C, C.T) and float(torch.linalg.eigvalsh(C.double()).min()) > -1e-6
 
 
+def test_gc_purge_drops_statistics_once_their_version_is_purged(zoo, lm):
+    child = zoo.edit(lm.ref, "alphaedit", _request(zoo, lm))
+    stats, prev = _derived(zoo, memit_stats.DERIVED_KIND), _derived(zoo, PREV_KIND)
+    assert {r.depends_on for r in stats} == {lm.manifest_hash} and {r.depends_on for r in prev} == {child.manifest_hash}
+    zoo.delete(lm.ref)
+    assert zoo.gc(grace_s=0).derived_dropped == 0  # deleted, not purged: restorable, its caches kept
+    report = zoo.gc(purge_deleted=True, grace_s=0)
+    assert report.derived_dropped == len(stats) and _derived(zoo, memit_stats.DERIVED_KIND) == []
+    assert len(_derived(zoo, PREV_KIND)) == len(prev)  # the child is alive
+    assert zoo.verify().damaged == []
+
+
 def test_damaged_statistics_are_reported_by_verify_and_recomputed_by_the_next_edit(zoo, lm, home, capsys):
     zoo.edit(lm.ref, "memit", _request(zoo, lm))
     (row, *_) = _derived(zoo, memit_stats.DERIVED_KIND)
