@@ -151,7 +151,8 @@ def stats(as_json: JsonFlag = False) -> None:
     emit(record, as_json, lambda r: table(None, ["", ""], [
         ["models", r["models"]], ["live versions", r["versions"]], ["blobs", r["blobs"]],
         ["logical size (all versions)", human_bytes(r["logical_bytes"])],
-        ["stored (deduplicated)", human_bytes(r["stored_bytes"])], ["on disk", human_bytes(r["disk_bytes"])],
+        ["stored (deduplicated)", human_bytes(r["stored_bytes"])],
+        ["  of which editor caches", human_bytes(r["derived_bytes"])], ["on disk", human_bytes(r["disk_bytes"])],
         ["deduplication", f"{r['dedup_ratio']}x"],
     ]))
 

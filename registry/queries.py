@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.records import FindHit, ModelSummary, Related, StoreStats
 from modelzoo.registry.refs import hex_prefix, resolve
-from modelzoo.registry.schema import Blob, ManifestEntry, Model, Provenance, Tag, Version, VersionParent
+from modelzoo.registry.schema import Blob, DerivedTensor, ManifestEntry, Model, Provenance, Tag, Version, VersionParent
 from modelzoo.registry.store import Registry
 
 MIN_FIND_PREFIX = 6
@@ -122,9 +122,13 @@ def stats(registry: Registry) -> StoreStats:
             select(func.count(), func.coalesce(func.sum(Version.logical_bytes), 0)).where(Version.status == "ready")
         ).one()
         models = session.scalar(select(func.count()).select_from(Model)) or 0
+        only_derived = (select(DerivedTensor.blob_sha256)
+                        .except_(select(ManifestEntry.blob_sha256)).subquery())
+        derived = session.scalar(select(func.coalesce(func.sum(Blob.nbytes), 0))
+                                 .where(Blob.sha256.in_(select(only_derived.c[0])))) or 0
     root = registry.settings.blob_dir
     disk = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
-    return StoreStats(models, versions, blobs, int(stored), int(logical), disk)
+    return StoreStats(models, versions, blobs, int(stored), int(logical), disk, int(derived))
 
 
 def related_versions(registry: Registry, blobs: dict[str, int], limit: int = 3) -> list[Related]:

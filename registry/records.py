@@ -84,10 +84,12 @@ class StoreStats:
     stored_bytes: int  # each distinct blob once
     logical_bytes: int  # the sum of every live version's full size
     disk_bytes: int  # what the blob files take on disk, headers included
+    derived_bytes: int  # the part of stored_bytes that only editor caches (derived tensors) hold
 
     @property
     def dedup_ratio(self) -> float:
-        return self.logical_bytes / self.stored_bytes if self.stored_bytes else 1.0
+        weights = self.stored_bytes - self.derived_bytes
+        return self.logical_bytes / weights if weights else 1.0
 
 
 @dataclass(frozen=True)

@@ -171,12 +171,15 @@ def test_statistics_are_cached_and_reused_without_a_second_pass(zoo, lm, monkeyp
 def test_gc_drops_derived_tensors_only_when_asked(zoo, lm, home, capsys):
     zoo.edit(lm.ref, "memit", _request(zoo, lm))
     layers = len(_derived(zoo, memit_stats.DERIVED_KIND))
+    key_dim = zoo.load(lm.ref).pipeline.config.n_inner or 4 * zoo.load(lm.ref).pipeline.config.n_embd
+    assert zoo.stats().derived_bytes == layers * key_dim * key_dim * 4  # float32 C per layer
     r = zoo_cli(capsys, home, "gc", "--grace", "0", "--json")
     assert r.code == 0 and json.loads(r.out)["derived_dropped"] == 0 and len(_derived(zoo, memit_stats.DERIVED_KIND))
     r = zoo_cli(capsys, home, "gc", "--grace", "0", "--drop-derived", "--json")
     report = json.loads(r.out)
     assert r.code == 0 and report["derived_dropped"] == layers and report["blobs_removed"] == layers
     assert _derived(zoo, memit_stats.DERIVED_KIND) == [] and zoo.verify().damaged == []
+    assert zoo.stats().derived_bytes == 0
     again = zoo.edit(lm.ref, "memit", _request(zoo, lm, lam=5.0))
     assert not any(s["cached"] for s in again.metrics["stats"].values())
 

@@ -176,3 +176,4 @@ def test_derived_tensors_are_kept_replaced_and_shared_through_the_database(home,
     report = zoo.gc(grace_s=0)
     assert report.blobs_removed == 1  # the replaced eye(3); the current value is kept
     assert zoo.verify().blobs_checked == 1
+    assert zoo.stats().derived_bytes == 3 * 3 * 4
