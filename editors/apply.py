@@ -43,9 +43,10 @@ def apply_edit(
     info = registry.info(ref)
     if info.family not in editor.families:
         raise BadInput(f"{info.ref} is a {info.family} model; {method} edits {' or '.join(editor.families)} models")
+    derived = DerivedTensors(registry)
     with_context = getattr(editor, "with_context", None)
     if with_context is not None:
-        request = with_context(request, EditContext(info, DerivedTensors(registry)))
+        request = with_context(request, EditContext(info, derived))
     model = get_family(info.family).load(registry, info.ref, device)
     started = time.perf_counter()
     try:
@@ -58,7 +59,6 @@ def apply_edit(
     child = registry.commit(
         info.ref, result.changed, method, params, metrics, name=name, relation="edit", duration_s=duration
     )
-    derived = DerivedTensors(registry)
     for value in result.derived:
         derived.put(value.kind, value.key, value.tensor, value.meta, depends_on=child.manifest_hash)
     return child

@@ -189,8 +189,10 @@ def second_moments(
         raise BadInput(f"statistics need at least one sample, got {samples}")
     chash = corpus_hash(corpus)
     keys = {m: StatsKey(model_hash or "", m, chash, samples, str(dtype).removeprefix("torch.")) for m in modules}
+    if model_hash is None:
+        cache = None  # without the version's hash a cached C could belong to another model
     found: dict[str, LayerStats] = {}
-    if cache is not None and model_hash is not None:
+    if cache is not None:
         for m, key in keys.items():
             hit = cache.get(DERIVED_KIND, asdict(key))
             if hit is not None:
@@ -208,7 +210,7 @@ def second_moments(
     for m in missing:
         C = (acc.sums[m] / max(acc.count, 1)).float()
         found[m] = LayerStats(C, acc.count, False, seconds)
-        if cache is not None and model_hash is not None:
+        if cache is not None:
             cache.put(DERIVED_KIND, asdict(keys[m]), C, {"count": acc.count, "seconds": round(seconds, 3)},
                       depends_on=model_hash)
     return found

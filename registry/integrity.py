@@ -15,15 +15,20 @@ from modelzoo.registry.store import GC_LOCK_KEY, Registry
 DEFAULT_GRACE_S = 3600.0
 
 
+def _referenced() -> Any:
+    """The blobs something keeps: a version's manifest or a derived tensor."""
+    return select(ManifestEntry.blob_sha256).union(select(DerivedTensor.blob_sha256))
+
+
 def verify(registry: Registry, ref: str | None = None) -> VerifyReport:
     """Check the blobs of one version (or of every version and derived tensor) and name each version a
     damaged blob affects. A damaged derived tensor is harmless (it is recomputed when next needed)."""
     with registry.db.read() as session:
-        used: Any = select(ManifestEntry.blob_sha256)
         if ref is not None:
-            used = used.where(ManifestEntry.version_id == resolve(session, ref, include_deleted=True).id)
+            version_id = resolve(session, ref, include_deleted=True).id
+            used: Any = select(ManifestEntry.blob_sha256).where(ManifestEntry.version_id == version_id)
         else:
-            used = used.union(select(DerivedTensor.blob_sha256))
+            used = _referenced()
         blobs = session.scalars(select(Blob).where(Blob.sha256.in_(used)).order_by(Blob.sha256)).all()
     damaged: list[DamagedBlob] = []
     for blob in blobs:
@@ -82,7 +87,7 @@ def gc(registry: Registry, purge_deleted: bool = False, grace_s: float = DEFAULT
                 DerivedTensor.depends_on.is_not(None), DerivedTensor.depends_on.not_in(live))).rowcount
         else:
             dropped = 0
-        referenced = select(ManifestEntry.blob_sha256).union(select(DerivedTensor.blob_sha256))
+        referenced = _referenced()
         orphans = session.execute(select(Blob.sha256, Blob.location, Blob.nbytes).where(
             Blob.sha256.not_in(referenced))).all()
         session.execute(delete(Blob).where(Blob.sha256.not_in(referenced)))
