@@ -20,16 +20,13 @@ def upgrade() -> None:
     sa.Column('key', sa.JSON(), nullable=False),
     sa.Column('blob_sha256', sa.String(length=64), nullable=False),
     sa.Column('meta', sa.JSON(), nullable=False),
-    sa.Column('depends_on', sa.String(length=64), nullable=True),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['blob_sha256'], ['blobs.sha256'], ),
     sa.PrimaryKeyConstraint('kind', 'key_hash')
     )
     op.create_index(op.f('ix_derived_tensors_blob_sha256'), 'derived_tensors', ['blob_sha256'], unique=False)
-    op.create_index(op.f('ix_derived_tensors_depends_on'), 'derived_tensors', ['depends_on'], unique=False)
 
 
 def downgrade() -> None:
-    op.drop_index(op.f('ix_derived_tensors_depends_on'), table_name='derived_tensors')
     op.drop_index(op.f('ix_derived_tensors_blob_sha256'), table_name='derived_tensors')
     op.drop_table('derived_tensors')
