@@ -1,7 +1,8 @@
 """What the shapes world holds, per profile, and the quality bar each model must reach.
 
-`full` is the README's demo (about 15 minutes on 2 cores, the issue's bars); `quick` is a smaller world
-for tests (about a minute, lower bars stated here).
+`full` is the README's demo (about 15 minutes on 2 cores): its bars are set so that search and the editors
+work on models that have learned their slice. `quick` is a smaller world for tests (about a minute): its
+lower bars only show that training took hold in the time it has.
 """
 
 from __future__ import annotations

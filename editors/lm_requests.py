@@ -10,8 +10,8 @@ answer is the request's `target_true`) or `{"prompt": ..., "target": ...}` namin
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -135,10 +135,6 @@ def load_requests(path: Path) -> list[FactRequest]:
     unnested = [{**r, **r["requested_rewrite"]} if isinstance(r, dict) and "requested_rewrite" in r else r
                 for r in rows]
     return [request_from_json(r, f"{path.name} request {i + 1}") for i, r in enumerate(unnested)]
-
-
-def requests_to_json(requests: Iterable[FactRequest]) -> list[dict[str, Any]]:
-    return [asdict(r) for r in requests]
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from modelzoo.editors.lm_requests import load_requests, request_from_json, subje
 from modelzoo.editors.memit import (
     PREV_KIND,
     MemitRequest,
+    _load_prev,
     alphaedit_delta,
     default_hparams,
     keys_at,
@@ -252,9 +253,24 @@ def test_quick_edit_prefers_the_new_targets(zoo, lm):
     assert after.efficacy == 1.0
 
 
+def _keys_of(model, info, facts, layer: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """K (key_dim, n) of an edit's facts at `layer`, read from the edited version with the edit's templates.
+
+    A layer's keys depend only on the layers before it, which the edit had already updated when it read
+    them, so the committed child gives the same keys the edit used."""
+    requests = [request_from_json(f) for f in facts]
+    templates = info.params["context_templates"]
+    return keys_at(model.pipeline, model.tokenizer, layout_of(model.pipeline), layer, requests, templates).T
+
+
+# A threshold above every singular value makes P = I, so the solve is (K K^T + C_prev + l2 I) Delta^T = K R^T;
+# with a ridge far below the tiny model's |k|^2 that update maps every key in C_prev to (almost) zero.
+ONLY_EARLIER_KEYS = {"nullspace_threshold": 1e9, "l2": 1e-4}
+
+
 def test_sequential_edits_chain_in_lineage_and_alphaedit_accumulates_earlier_keys(zoo, lm):
-    first = zoo.edit(lm.ref, "alphaedit", _request(zoo, lm, facts=FACTS[:1], hparams={"nullspace_threshold": 1e9}))
-    second_request = _request(zoo, first, facts=FACTS[1:], hparams={"nullspace_threshold": 1e9})
+    first = zoo.edit(lm.ref, "alphaedit", _request(zoo, lm, facts=FACTS[:1], hparams=ONLY_EARLIER_KEYS))
+    second_request = _request(zoo, first, facts=FACTS[1:], hparams=ONLY_EARLIER_KEYS)
     second = zoo.edit(first.ref, "alphaedit", second_request)
     assert [p.ref for p in second.parents] == [first.ref]
     ancestors = [a.ref for a in zoo.lineage(second.ref).ancestors]
@@ -262,6 +278,27 @@ def test_sequential_edits_chain_in_lineage_and_alphaedit_accumulates_earlier_key
     assert second.method == "alphaedit"
     assert len(_derived(zoo, PREV_KIND)) == 2 * len(first.params["hparams"]["layers"])
     assert "cache" not in second.params["request"]
+
+    cache = DerivedTensors(zoo.registry)
+    m0, m1, m2 = (zoo.load(v.ref) for v in (lm, first, second))
+    layout = layout_of(m0.pipeline)
+    for layer in first.params["hparams"]["layers"]:
+        W0, W1, W2 = (m.tensor(layout.weight_name(layer)) for m in (m0, m1, m2))
+        K1 = _keys_of(m1, first, FACTS[:1], layer).double()
+        K2 = _keys_of(m2, second, FACTS[1:], layer).double()
+        C1 = _load_prev(cache, W1, layout.key_dim).double()
+        torch.testing.assert_close(C1, K1 @ K1.T, rtol=1e-4, atol=1e-4)
+        C2 = _load_prev(cache, W2, layout.key_dim).double()
+        torch.testing.assert_close(C2, K1 @ K1.T + K2 @ K2.T, rtol=1e-4, atol=1e-4)
+        assert not torch.equal(W1, W0)
+
+        delta = (W2 - W1).double()
+        delta = delta.T if layout.weight_is_input_major else delta  # (hidden, key_dim)
+        # An update blind to C_prev, R k2^T / |k2|^2, would move the first key's output by cos(k1, k2) of
+        # its size; the update solved against C_prev leaves it where the first edit put it.
+        moved = float((delta @ K1).norm() / (delta.norm() * K1.norm()))
+        blind_moved = float((K1.T @ K2).abs().max() / (K1.norm() * K2.norm()))
+        assert moved < blind_moved / 100
 
 
 def test_llama_style_models_are_edited_in_their_down_proj(zoo, tmp_path):
