@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -40,12 +42,26 @@ class State:
         return cls._zoo
 
 
+class Interrupted(Exception):
+    """Ctrl-C inside a command, carried past click, which turns KeyboardInterrupt into a silent exit."""
+
+
+@contextmanager
+def _interrupts_reported() -> Iterator[None]:
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted from None
+
+
 @app.callback()
 def main(
+    ctx: typer.Context,
     home: Annotated[str | None, typer.Option("--home", envvar="ZOO_HOME", help="Registry home folder.")] = None,
     db: Annotated[str | None, typer.Option("--db", envvar="ZOO_DATABASE_URL", help="Database URL.")] = None,
 ) -> None:
     State.home, State.db, State._zoo = home, db, None
+    ctx.with_resource(_interrupts_reported())  # sees the command's exception as the context closes
 
 
 def parse_pairs(pairs: list[str] | None, what: str = "tag") -> dict[str, str]:
@@ -302,6 +318,6 @@ def run(argv: list[str] | None = None) -> Any:
     except ZooError as error:
         print(f"error: {error}", file=sys.stderr)  # one unwrapped line, whatever the terminal width
         sys.exit(error.exit_code)
-    except KeyboardInterrupt:
+    except Interrupted:
         print("interrupted: nothing was registered", file=sys.stderr)
         sys.exit(130)

@@ -37,7 +37,7 @@ def apply_edit(
     """Edit `ref` with the editor registered as `method` and register the result.
 
     The child goes to the parent's model, or to model `name` (created if new). Ctrl-C during the edit
-    registers nothing and is reported as bad input, like any other edit that did not finish.
+    raises KeyboardInterrupt before anything is committed, so it registers nothing.
     """
     editor = get_editor(method)
     info = registry.info(ref)
@@ -49,10 +49,7 @@ def apply_edit(
         request = with_context(request, EditContext(info, derived))
     model = get_family(info.family).load(registry, info.ref, device)
     started = time.perf_counter()
-    try:
-        result = editor.edit(model, request, progress)
-    except KeyboardInterrupt:
-        raise BadInput(f"{method} edit of {info.ref} interrupted; nothing registered") from None
+    result = editor.edit(model, request, progress)
     duration = time.perf_counter() - started
     params = {"request": _request_json(request), **result.params}
     metrics = {**result.metrics, "edit_seconds": round(duration, 3)}
