@@ -32,7 +32,6 @@ def register(app: typer.Typer) -> None:
         from modelzoo.demo.world import build_world
 
         started = time.perf_counter()
-        quiet_library_progress_bars()
         zoo = State.zoo()
         if zoo.list():
             report = zoo.verify()
@@ -168,15 +167,6 @@ def show_fact_edit(zoo, built) -> None:  # type: ignore[no-untyped-def]
                      f"{scores.neighborhood or 0:.2f}"])
     table(f"zoo edit memit {smol}: {fact.subject!r} -> {fact.target_new!r} (was {fact.target_true!r})",
           ["version", "greedy completion", "efficacy", "paraphrase", "neighbourhood"], rows)
-
-
-def quiet_library_progress_bars() -> None:
-    """diffusers and transformers draw their own tqdm bars on every save and load; the demo has one bar."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
 
 
 def _fmt(value: object) -> str:

@@ -14,7 +14,7 @@ import typer
 import modelzoo
 from modelzoo.cli import compose, demo, evaluate, sample, search
 from modelzoo.cli.edit import edit_app
-from modelzoo.cli.output import byte_progress, console, emit, errors, human_bytes, table
+from modelzoo.cli.output import byte_progress, console, emit, errors, human_bytes, route_library_output, table
 from modelzoo.registry.errors import BadInput, NotFound, ZooError
 from modelzoo.registry.queries import ListFilter
 from modelzoo.registry.records import Diff, Lineage, VerifyReport, VersionInfo, to_json
@@ -59,8 +59,11 @@ def main(
     ctx: typer.Context,
     home: Annotated[str | None, typer.Option("--home", envvar="ZOO_HOME", help="Registry home folder.")] = None,
     db: Annotated[str | None, typer.Option("--db", envvar="ZOO_DATABASE_URL", help="Database URL.")] = None,
+    verbose: Annotated[bool, typer.Option(
+        "-v", "--verbose", help="Also show third-party warnings and progress bars, and modelzoo's info log.")] = False,
 ) -> None:
     State.home, State.db, State._zoo = home, db, None
+    route_library_output(verbose)
     ctx.with_resource(_interrupts_reported())  # sees the command's exception as the context closes
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,6 +23,50 @@ from modelzoo.registry.records import to_json
 
 console = Console()
 errors = Console(stderr=True)
+
+
+class _ErrorsHandler(logging.Handler):
+    """Log records as lines on the `errors` console, so that they print above a running progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            errors.print(self.format(record), markup=False, highlight=False, soft_wrap=True)
+        except Exception:
+            self.handleError(record)
+
+
+_log_handler = _ErrorsHandler()
+_log_handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+_only_modelzoo = logging.Filter("modelzoo")
+
+
+def route_library_output(verbose: bool) -> None:
+    """Send every warning through logging and show modelzoo's own; third-party warnings (Python warnings,
+    the Hugging Face libraries' loggers) and those libraries' progress bars show only when `verbose`, which
+    also shows modelzoo's info log."""
+    root = logging.getLogger()
+    if _log_handler not in root.handlers:
+        root.addHandler(_log_handler)
+    root.setLevel(logging.WARNING)
+    logging.getLogger("modelzoo").setLevel(logging.INFO if verbose else logging.NOTSET)
+    if verbose:
+        _log_handler.removeFilter(_only_modelzoo)
+    else:
+        _log_handler.addFilter(_only_modelzoo)
+    logging.captureWarnings(True)  # before the imports below, which may warn
+
+    import diffusers.utils.logging as diffusers_logging
+    import huggingface_hub.utils as hub_utils
+    import transformers.utils.logging as transformers_logging
+
+    for library in (transformers_logging, diffusers_logging):
+        library.disable_default_handler()
+        library.enable_propagation()
+        (library.enable_progress_bar if verbose else library.disable_progress_bar)()
+    hub = logging.getLogger("huggingface_hub")
+    for handler in [h for h in hub.handlers if type(h) is logging.StreamHandler]:  # its import-time default
+        hub.removeHandler(handler)
+    (hub_utils.enable_progress_bars if verbose else hub_utils.disable_progress_bars)()
 
 
 def emit(record: Any, as_json: bool, render: Callable[[Any], None]) -> None:

@@ -30,6 +30,7 @@ def test_quick_demo_builds_every_model_with_its_measured_quality(world_home, cap
     grids = sorted(p.name for p in (world_home / "demo").glob("*.png"))
     assert "shapes-sd-v1.png" in grids and "shapes-gan-red-circle-v1.png" in grids
     assert "measured quality" in result.out and "search on the shapes world" in result.out
+    assert result.err == ""  # no third-party warnings or progress bars without -v
 
 
 @pytest.mark.slow
