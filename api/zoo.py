@@ -76,12 +76,15 @@ class Zoo:
         relation: str = "finetune",
         description: str = "",
         allow_nonfinite: bool = False,
+        follow_symlinks: bool = False,
         progress: Progress | None = None,
     ) -> VersionInfo:
+        """Import a folder or file. Only files inside a folder are read: a link out of it is refused
+        unless `follow_symlinks` (the user vouches for the linked files)."""
         return import_path(
             self.registry, Path(path), name, family=family, config_path=Path(config) if config else None,
             tags=dict(tags or {}), base=base, relation=relation, description=description,
-            allow_nonfinite=allow_nonfinite, progress=progress,
+            allow_nonfinite=allow_nonfinite, follow_symlinks=follow_symlinks, progress=progress,
         )
 
     def get(self, ref: str) -> VersionInfo:

@@ -95,6 +95,8 @@ def import_(
     relation: Annotated[str, typer.Option(help="Relation to --base.")] = "finetune",
     description: str = "",
     allow_nonfinite: Annotated[bool, typer.Option(help="Keep tensors holding NaN/Inf.")] = False,
+    follow_symlinks: Annotated[bool, typer.Option(
+        "--follow-symlinks", help="Follow links that leave the folder (files you trust, e.g. a HF cache).")] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Import a diffusers/transformers folder or a safetensors file as a new version."""
@@ -102,7 +104,8 @@ def import_(
     with byte_progress(f"importing {path.name}", quiet=as_json) as progress:
         info = State.zoo().import_(
             path, name, family=family, config=config, tags=tags, base=base, relation=relation,
-            description=description, allow_nonfinite=allow_nonfinite, progress=progress,
+            description=description, allow_nonfinite=allow_nonfinite, follow_symlinks=follow_symlinks,
+            progress=progress,
         )
     emit(info, as_json, _render_import)
 

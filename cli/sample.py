@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemaining
 from modelzoo.cli.output import console, emit, errors
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.families.base import Family, Sample, contact_sheet, get_family
+from modelzoo.registry.paths import check_creatable_folder
 from modelzoo.registry.records import VersionInfo
 
 MAX_SEED = 2**32  # seeds are numpy RandomState seeds (latents_for_seeds), as in the official generators
@@ -44,13 +45,6 @@ class SampleReport:
     grid: str | None = None
 
 
-def _check_creatable(path: Path, what: str) -> None:
-    """`path` is a folder or can become one: it and its nearest existing ancestor are not files."""
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise BadInput(f"{what} {path}: {existing} exists and is not a folder")
-
-
 def check_request(seed: int, n: int, steps: int | None, out: Path | None, grid: Path | None) -> list[int]:
     """The seeds to draw, after refusing every flag that cannot work; nothing is read or written."""
     if n < 1:
@@ -60,13 +54,13 @@ def check_request(seed: int, n: int, steps: int | None, out: Path | None, grid: 
     if steps is not None and steps < 1:
         raise BadInput(f"--steps must be at least 1, got {steps}")
     if out is not None:
-        _check_creatable(out, "--out")
+        check_creatable_folder(out, "--out")
     if grid is not None:
         if grid.suffix.lower() != ".png":
             raise BadInput(f"--grid writes a PNG file; give it a .png name, not {grid.name!r}")
         if grid.is_dir():
             raise BadInput(f"--grid {grid} is a folder; give a file name ending in .png")
-        _check_creatable(grid.parent, "--grid")
+        check_creatable_folder(grid.parent, "--grid")
     return list(range(seed, seed + n))
 
 
@@ -105,7 +99,7 @@ class SampleWriter:
             raise BadInput(f"{info.ref} is a {info.family} model and draws text; --grid needs an image model")
         if images and out is None:
             out = Path("samples") / f"{info.model}-v{info.number}"
-            _check_creatable(out, "the default output folder")
+            check_creatable_folder(out, "the default output folder")
         writer = cls(info, images, out, grid)
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)

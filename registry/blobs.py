@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -21,6 +22,8 @@ from typing import Protocol
 import torch
 
 from modelzoo.registry.errors import Corrupted, NotFound
+from modelzoo.registry.files import open_regular
+from modelzoo.registry.paths import check_relative_path, is_inside, shown
 from modelzoo.registry.safetensors_io import (
     MappedFile,
     TensorInfo,
@@ -79,7 +82,12 @@ class LocalDirectoryBackend:
         self._publisher = ThreadPoolExecutor(max_workers=self.PUBLISHERS, thread_name_prefix="zoo-fsync")
 
     def _path(self, key: str) -> Path:
-        return self.root / key
+        """The file of a key; its folders must resolve inside the root (the file itself is never followed)."""
+        check_relative_path(key, "blob key")
+        path = self.root / key
+        if not is_inside(path.parent.resolve(), self.root.resolve()):
+            raise Corrupted(f"blob folder of {key} leads outside {self.root}")
+        return path
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -124,16 +132,22 @@ class LocalDirectoryBackend:
                 os.close(fd)
 
     def open_mapped(self, key: str) -> MappedFile:
-        path = self._path(key)
-        if not path.is_file():
-            raise NotFound(f"blob file {key} is missing from {self.root}")
-        return MappedFile(path)
-
-    def read_bytes(self, key: str) -> bytes:
         try:
-            return self._path(key).read_bytes()
+            return MappedFile(self._path(key), follow_symlinks=False)
         except FileNotFoundError:
             raise NotFound(f"blob file {key} is missing from {self.root}") from None
+        except OSError as e:
+            raise Corrupted(f"blob file {key} cannot be read ({e})") from None
+
+    def read_bytes(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            with open_regular(path, follow_symlinks=False) as fd, open(fd, "rb", closefd=False) as f:
+                return f.read()
+        except FileNotFoundError:
+            raise NotFound(f"blob file {key} is missing from {self.root}") from None
+        except OSError as e:
+            raise Corrupted(f"blob file {key} cannot be read ({e})") from None
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -155,11 +169,21 @@ class StoredBlob:
     dtype: str | None
     shape: tuple[int, ...] | None
     nbytes: int
-    location: str
     written: bool  # False when the content was already in the store
+
+    @property
+    def location(self) -> str:
+        return blob_key(self.sha256, self.kind)
+
+
+SHA256 = re.compile(r"[0-9a-f]{64}")
+BLOB_KINDS = ("tensor", "file")
 
 
 def blob_key(sha256: str, kind: str) -> str:
+    """Where a blob lives, derived from its hash: a location stored in a database row is never trusted."""
+    if not SHA256.fullmatch(sha256) or kind not in BLOB_KINDS:
+        raise Corrupted(f"blob row {shown(sha256)[:80]!r} ({shown(kind)[:20]}) is not a sha256 of a tensor or file")
     suffix = ".safetensors" if kind == "tensor" else ""
     return f"{sha256[:2]}/{sha256[2:4]}/{sha256}{suffix}"
 
@@ -178,7 +202,7 @@ class BlobStore:
         if written:
             contiguous = tensor.detach().cpu().contiguous()
             self.backend.write_atomic(key, lambda f: write_tensors(f, {BLOB_TENSOR_NAME: contiguous}))
-        return StoredBlob(sha, "tensor", dtype, shape, data.nbytes, key, written)
+        return StoredBlob(sha, "tensor", dtype, shape, data.nbytes, written)
 
     def put_file(self, data: bytes) -> StoredBlob:
         sha = file_digest(data)
@@ -186,27 +210,29 @@ class BlobStore:
         written = not self.backend.exists(key)
         if written:
             self.backend.write_atomic(key, lambda f: f.write(data))
-        return StoredBlob(sha, "file", None, None, len(data), key, written)
+        return StoredBlob(sha, "file", None, None, len(data), written)
 
     def sync(self) -> None:
         self.backend.sync()
 
-    def get_tensor(self, sha256: str, location: str, verify: bool = True) -> torch.Tensor:
-        mapped = self.backend.open_mapped(location)
+    def get_tensor(self, sha256: str, verify: bool = True) -> torch.Tensor:
+        mapped = self.backend.open_mapped(blob_key(sha256, "tensor"))
         info = self._tensor_info(mapped, sha256)
         if verify and tensor_digest(info.dtype, info.shape, mapped.view(info.start, info.end)) != sha256:
             raise Corrupted(f"blob {sha256[:12]} is damaged (content does not match its hash); run `zoo verify`")
         return mapped.tensor(info)
 
-    def get_file(self, sha256: str, location: str, verify: bool = True) -> bytes:
-        data = self.backend.read_bytes(location)
+    def get_file(self, sha256: str, verify: bool = True) -> bytes:
+        data = self.backend.read_bytes(blob_key(sha256, "file"))
         if verify and file_digest(data) != sha256:
             raise Corrupted(f"blob {sha256[:12]} is damaged (content does not match its hash); run `zoo verify`")
         return data
 
-    def check(self, sha256: str, kind: str, location: str) -> str | None:
-        """Recompute a blob's hash; None when intact, else what is wrong."""
+    def check(self, sha256: str, kind: str) -> str | None:
+        """Recompute a blob's hash; None when intact, else what is wrong. Never blocks: a FIFO or device
+        in a blob's place is reported, not opened for reading."""
         try:
+            location = blob_key(sha256, kind)
             if kind == "file":
                 return None if file_digest(self.backend.read_bytes(location)) == sha256 else "hash mismatch"
             mapped = self.backend.open_mapped(location)
@@ -228,9 +254,9 @@ class BlobStore:
             raise Corrupted(f"blob {sha256[:12]} is damaged (no tensor inside); run `zoo verify`")
         return header.tensors[BLOB_TENSOR_NAME]
 
-    def delete(self, locations: Iterable[str]) -> int:
+    def delete(self, keys: Iterable[str]) -> int:
         count = 0
-        for location in locations:
-            self.backend.delete(location)
+        for key in keys:
+            self.backend.delete(key)
             count += 1
         return count

@@ -7,7 +7,9 @@ its schema to the current Alembic revision; a schema this code does not know is 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
 from modelzoo.registry.errors import BadInput, SchemaMismatch
+from modelzoo.registry.paths import output_folder
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -41,18 +44,23 @@ def head_revision() -> str:
     return head
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL (None for an in-memory database)."""
+    path = url.split("///", 1)[-1].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        path = sqlite_path(url)
+        if path is not None:
+            output_folder(path.parent, "registry database folder")
         engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
             dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (below)
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
             cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA synchronous=NORMAL")
@@ -97,9 +105,18 @@ class Database:
             return MigrationContext.configure(conn).get_current_revision()
 
     def ensure_schema(self) -> None:
-        """Create or upgrade the schema to head; refuse a schema this code does not know."""
+        """Create or upgrade the schema to head; refuse a schema this code does not know.
+
+        A SQLite file is first looked at read-only, and only a registry (or an empty file) is then
+        switched to WAL mode, which is a lasting change to the file."""
         head = head_revision()
+        path = sqlite_path(self.url) if self.is_sqlite else None
+        if path is not None:
+            _refuse_foreign_sqlite(path)
         try:
+            if path is not None:  # outside any transaction, where SQLite can change the journal mode
+                with contextlib.closing(self.engine.raw_connection()) as raw:
+                    raw.cursor().execute("PRAGMA journal_mode=WAL")
             current = self.current_revision()
         except DatabaseError as e:  # not a database file, unreachable server, no permission
             raise BadInput(f"cannot open the registry database {self.url}: {e.orig}") from None
@@ -125,3 +142,20 @@ class Database:
                 )
             log.info("upgrading registry schema %s -> %s", current, head)
             command.upgrade(_alembic_config(conn), "head")
+
+
+def _refuse_foreign_sqlite(path: Path) -> None:
+    """Refuse a file that is not a modelzoo registry (nor empty) before anything writes to it."""
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise BadInput(f"{path} is not a regular file, so it cannot be a registry database")
+    if path.stat().st_size == 0:
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as conn:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as e:
+        raise BadInput(f"cannot open the registry database {path}: {e}") from None
+    if tables and "alembic_version" not in tables:
+        raise SchemaMismatch(f"{path} holds tables {sorted(tables)[:3]}... but is not a modelzoo registry")

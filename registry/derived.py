@@ -56,15 +56,15 @@ class DerivedTensors:
     def get(self, kind: str, key: Mapping[str, Any]) -> Derived | None:
         with self.registry.db.read() as session:
             row = session.execute(
-                select(DerivedTensor.meta, Blob.sha256, Blob.location)
+                select(DerivedTensor.meta, Blob.sha256)
                 .join(Blob, Blob.sha256 == DerivedTensor.blob_sha256)
                 .where(DerivedTensor.kind == kind, DerivedTensor.key_hash == key_hash(kind, key))
             ).first()
         if row is None:
             return None
-        meta, sha, location = row
+        meta, sha = row
         try:
-            tensor = self.registry.blobs.get_tensor(sha, location).clone()  # detach from the mapped file
+            tensor = self.registry.blobs.get_tensor(sha).clone()  # detach from the mapped file
         except (Corrupted, NotFound):
             return None  # recomputed by the caller and put again
         return Derived(tensor, dict(meta))
@@ -75,7 +75,7 @@ class DerivedTensors:
         `depends_on` is the manifest hash of the version it was computed from (see `DerivedTensor`)."""
         blobs = self.registry.blobs
         blob = blobs.put_tensor(tensor)
-        if not blob.written and blobs.check(blob.sha256, blob.kind, blob.location) is not None:
+        if not blob.written and blobs.check(blob.sha256, blob.kind) is not None:
             blob = blobs.put_tensor(tensor, overwrite=True)  # the damaged copy that made `get` miss
 
         def restage() -> None:

@@ -15,6 +15,7 @@ import torch
 from modelzoo.registry.errors import BadInput, Corrupted
 from modelzoo.registry.formats import split_tensor_name
 from modelzoo.registry.lineage import lineage
+from modelzoo.registry.paths import check_relative_path, join_inside, output_folder
 from modelzoo.registry.records import VersionInfo
 from modelzoo.registry.safetensors_io import write_tensors
 from modelzoo.registry.store import Progress, Registry
@@ -28,32 +29,36 @@ def export_version(registry: Registry, ref: str, out: Path, progress: Progress |
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BadInput(f"export target {out} already exists and is not an empty folder")
     info = registry.info(ref)
-    weight_files: dict[str, str] = info.config.get("weight_files", {"": "model.safetensors"})
+    weight_files = info.config.get("weight_files", {"": "model.safetensors"})
+    if not isinstance(weight_files, dict) or not all(isinstance(v, str) for v in weight_files.values()):
+        raise Corrupted(f"{info.ref}: its config's weight_files is not an object of file names")
     files = registry.load_files(ref)
-    # Hashes are checked on a second thread while the main one writes; the folder is only renamed into
-    # place once every blob has proved intact.
     tensors = registry.load_tensors(ref, verify=False)
-    manifest = registry.manifest(ref)
-    checker = ThreadPoolExecutor(max_workers=1)
-    checks = [checker.submit(registry.blobs.check, b.sha256, b.kind, b.location) for b in manifest.values()]
-
     by_file: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         component, key = split_tensor_name(name, set(weight_files))
         filename = weight_files.get(component) or weight_files.get("", "model.safetensors")
         by_file.setdefault(f"{component}/{filename}" if component else filename, {})[key] = tensor
+    for path in files:
+        check_relative_path(path, f"file name in {info.ref}")
+    for path in by_file:
+        check_relative_path(path, f"weight file name in {info.ref}")
+    output_folder(out.parent, "export folder's parent")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    # Hashes are checked on a second thread while the main one writes; the folder is only renamed into
+    # place once every blob has proved intact.
+    checker = ThreadPoolExecutor(max_workers=1)
+    checks = [checker.submit(registry.blobs.check, b.sha256, b.kind) for b in registry.manifest(ref).values()]
     staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
         for path, data in files.items():
             if path != CARD:
-                _write(staging / path, data)
+                _write(join_inside(staging, path, f"file name in {info.ref}"), data)
         total = sum(t.nbytes for t in tensors.values())
         done = 0
         for path, group in sorted(by_file.items()):
-            target = staging / path
+            target = join_inside(staging, path, f"weight file name in {info.ref}")
             target.parent.mkdir(parents=True, exist_ok=True)
             with open(target, "wb") as f:
                 write_tensors(f, dict(sorted(group.items())), metadata={"format": "pt"})

@@ -8,12 +8,16 @@ registered model, or detected (`base="auto"`: the best match, if it shares at le
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 
+from modelzoo.registry.files import open_regular
 from modelzoo.registry.formats import ImportSource, read_source
 from modelzoo.registry.queries import related_versions
 from modelzoo.registry.records import Related, VersionInfo
@@ -37,10 +41,11 @@ def import_path(
     relation: str = "finetune",
     description: str = "",
     allow_nonfinite: bool = False,
+    follow_symlinks: bool = False,
     progress: Progress | None = None,
 ) -> VersionInfo:
     check_model_name(name)
-    source = read_source(path, family=family, config_path=config_path)
+    source = read_source(path, family=family, config_path=config_path, follow_symlinks=follow_symlinks)
     return register_source(
         registry, source, name, tags=tags, base=base, relation=relation, description=description,
         allow_nonfinite=allow_nonfinite, progress=progress,
@@ -71,7 +76,10 @@ def register_source(
         staged.update(registry.stage_files(source.files))
         return staged
 
-    staged = stage()
+    # The originals' own hashes are read on a thread of their own while staging hashes the tensors.
+    with ThreadPoolExecutor(max_workers=1) as hasher:
+        originals = hasher.submit(_hash_files, source.originals)
+        staged = stage()
     try:
         related = related_versions(registry, {b.sha256: b.nbytes for (k, _), b in staged.items() if k == "tensor"})
         parents = _parents(registry, source, base, relation, related)
@@ -87,11 +95,21 @@ def register_source(
             description=description,
             model_tags=tags or {},
             parents=parents,
+            source_files=originals.result(),
         )
         return registry.create_version(spec, staged, restage=stage)
     except BaseException:
         registry.discard(staged)
         raise
+
+
+def _hash_files(files: dict[str, Path]) -> dict[str, tuple[str, int]]:
+    """name -> (sha256, bytes) of each file, read as a regular file without blocking."""
+    hashes = {}
+    for name, path in files.items():
+        with open_regular(path) as fd, open(fd, "rb", closefd=False) as f:
+            hashes[name] = (hashlib.file_digest(f, "sha256").hexdigest(), os.fstat(fd).st_size)
+    return hashes
 
 
 def _parents(

@@ -6,7 +6,9 @@ from typing import Any
 
 from sqlalchemy import delete, select, text, update
 
-from modelzoo.registry.blobs import TEMP_PREFIX
+from modelzoo.registry.blobs import TEMP_PREFIX, blob_key
+from modelzoo.registry.errors import Corrupted
+from modelzoo.registry.paths import shown
 from modelzoo.registry.records import DamagedBlob, GcReport, VerifyReport
 from modelzoo.registry.refs import resolve
 from modelzoo.registry.schema import Blob, DerivedTensor, Embedding, ManifestEntry, Model, Version
@@ -32,11 +34,23 @@ def verify(registry: Registry, ref: str | None = None) -> VerifyReport:
         blobs = session.scalars(select(Blob).where(Blob.sha256.in_(used)).order_by(Blob.sha256)).all()
     damaged: list[DamagedBlob] = []
     for blob in blobs:
-        problem = registry.blobs.check(blob.sha256, blob.kind, blob.location)
+        problem = _misplaced(blob) or registry.blobs.check(blob.sha256, blob.kind)
         if problem is not None:
             damaged.append(DamagedBlob(blob.sha256, problem, versions_using(registry, blob.sha256),
                                        derived_using(registry, blob.sha256)))
     return VerifyReport(len(blobs), sum(b.nbytes for b in blobs), damaged)
+
+
+def _misplaced(blob: Blob) -> str | None:
+    """A row whose location is not where its hash puts the blob: someone edited the database. The file is
+    read (and gc deletes) only where the hash says, so such a row names no other file."""
+    try:
+        expected = blob_key(blob.sha256, blob.kind)
+    except Corrupted as e:
+        return str(e)
+    if blob.location == expected:
+        return None
+    return f"its row names location {shown(blob.location)[:120]!r}, not {expected}"
 
 
 def versions_using(registry: Registry, sha256: str) -> list[str]:
@@ -88,14 +102,22 @@ def gc(registry: Registry, purge_deleted: bool = False, grace_s: float = DEFAULT
         else:
             dropped = 0
         referenced = _referenced()
-        orphans = session.execute(select(Blob.sha256, Blob.location, Blob.nbytes).where(
+        orphans = session.execute(select(Blob.sha256, Blob.kind, Blob.nbytes).where(
             Blob.sha256.not_in(referenced))).all()
         session.execute(delete(Blob).where(Blob.sha256.not_in(referenced)))
-        registry.blobs.delete(location for _, location, _ in orphans)
-        known = set(session.scalars(select(Blob.location)))
+        registry.blobs.delete(key for key in (_key_or_none(sha, kind) for sha, kind, _ in orphans) if key)
+        known = {_key_or_none(sha, kind) for sha, kind in session.execute(select(Blob.sha256, Blob.kind))}
         stray = [
             key for key in registry.blobs.backend.keys(older_than_s=grace_s)
             if key not in known or key.rsplit("/", 1)[-1].startswith(TEMP_PREFIX)
         ]
         registry.blobs.delete(stray)
     return GcReport(len(orphans), sum(n for _, _, n in orphans), len(stray), purged, dropped)
+
+
+def _key_or_none(sha256: str, kind: str) -> str | None:
+    """A row's blob key, or None for a row that is no blob's (its row goes; no file is touched for it)."""
+    try:
+        return blob_key(sha256, kind)
+    except Corrupted:
+        return None

@@ -12,7 +12,17 @@ from sqlalchemy.orm import Session
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.records import FindHit, ModelSummary, Related, StoreStats
 from modelzoo.registry.refs import hex_prefix, resolve
-from modelzoo.registry.schema import Blob, DerivedTensor, ManifestEntry, Model, Provenance, Tag, Version, VersionParent
+from modelzoo.registry.schema import (
+    Blob,
+    DerivedTensor,
+    ManifestEntry,
+    Model,
+    Provenance,
+    SourceFile,
+    Tag,
+    Version,
+    VersionParent,
+)
 from modelzoo.registry.store import Registry
 
 MIN_FIND_PREFIX = 6
@@ -112,6 +122,14 @@ def find(registry: Registry, sha_prefix: str) -> list[FindHit]:
             .where(hex_prefix(Version.manifest_hash, prefix))
         )
         hits += [FindHit(sha, "manifest", "", f"{model}@{number}") for sha, model, number in manifest_rows]
+        source_rows = session.execute(
+            select(SourceFile.sha256, SourceFile.path, Model.name, Version.number)
+            .join(Version, Version.id == SourceFile.version_id)
+            .join(Model, Model.id == Version.model_id)
+            .where(hex_prefix(SourceFile.sha256, prefix))
+            .order_by(Model.name, Version.number, SourceFile.path)
+        )
+        hits += [FindHit(sha, "source file", path, f"{model}@{number}") for sha, path, model, number in source_rows]
     return hits
 
 

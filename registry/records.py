@@ -71,7 +71,7 @@ class Related:
 @dataclass(frozen=True)
 class FindHit:
     sha256: str
-    kind: str  # "tensor" | "file" | "manifest"
+    kind: str  # "tensor" | "file" | "manifest" | "source file" (a file the version was imported from)
     name: str  # tensor name or file path ("" for a manifest hash)
     ref: str
 

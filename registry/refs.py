@@ -12,13 +12,17 @@ from sqlalchemy.orm import Session
 from modelzoo.registry.errors import BadInput, NotFound
 from modelzoo.registry.schema import Alias, Model, Version
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
-HASH_PREFIX = re.compile(r"^[0-9a-f]{6,64}$")
+# Patterns are matched with fullmatch: `$` would also match before a final newline.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+HASH_PREFIX = re.compile(r"[0-9a-f]{6,64}")
+VERSION_NUMBER = re.compile(r"[0-9]{1,18}")  # ASCII digits only (str.isdigit also takes '١'), below 2**63
 MIN_HASH_PREFIX = 6
+TAG_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}")
+MAX_TAG_VALUE = 256
 
 
 def check_model_name(name: str) -> str:
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         shown = name.encode("unicode_escape").decode()
         raise BadInput(
             f"invalid model name {shown!r}: use letters, digits, '.', '_', '+', '-' "
@@ -28,9 +32,17 @@ def check_model_name(name: str) -> str:
 
 
 def check_alias_name(name: str) -> str:
-    if not NAME_PATTERN.match(name) or name.isdigit() or name == "latest":
-        raise BadInput(f"invalid alias {name!r}: not a number, not 'latest', letters/digits/'.-_+' only")
+    if not NAME_PATTERN.fullmatch(name) or name.isdigit() or name == "latest":
+        shown = name.encode("unicode_escape").decode()
+        raise BadInput(f"invalid alias {shown!r}: not a number, not 'latest', letters/digits/'.-_+' only")
     return name
+
+
+def check_tag(key: str, value: str) -> None:
+    if not TAG_KEY.fullmatch(key) or len(value) > MAX_TAG_VALUE or not value.isprintable():
+        shown = key.encode("unicode_escape").decode()[:80]
+        raise BadInput(f"invalid tag {shown!r}: a key of letters, digits and '.-_:/', and a printable value of "
+                       f"at most {MAX_TAG_VALUE} characters")
 
 
 @dataclass(frozen=True)
@@ -50,7 +62,7 @@ def resolve(session: Session, ref: str, include_deleted: bool = False) -> Versio
     parsed = parse_ref(ref)
     model = session.scalar(select(Model).where(Model.name == parsed.name))
     if model is None:
-        if parsed.selector is None and HASH_PREFIX.match(ref):
+        if parsed.selector is None and HASH_PREFIX.fullmatch(ref):
             return _by_hash_prefix(session, ref)
         raise NotFound(f"no model named {parsed.name!r}; `zoo list` shows the registered models")
     selector = parsed.selector or "latest"
@@ -60,8 +72,10 @@ def resolve(session: Session, ref: str, include_deleted: bool = False) -> Versio
         )
         if number is None:
             raise NotFound(f"model {model.name!r} has no live versions")
-    elif selector.isdigit():
+    elif VERSION_NUMBER.fullmatch(selector):
         number = int(selector)
+    elif selector.isdigit() or selector.isdecimal():
+        raise BadInput(f"invalid version number {selector[:40]!r}: ASCII digits, below 2**63")
     else:
         alias = session.get(Alias, (model.id, selector))
         if alias is None:

@@ -8,6 +8,7 @@ overlapping). Tensors are returned as memory maps; writes stream the tensor's by
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -16,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import numpy as np
 import torch
 
 from modelzoo.registry.errors import BadInput
+from modelzoo.registry.files import NotRegular, open_regular
+from modelzoo.registry.untrusted import parse_json
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -40,6 +42,8 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000
+MAX_DIMS = 16
+MAX_DIM = 2**40  # per dimension; torch refuses shapes whose element count leaves int64
 
 
 @dataclass(frozen=True)
@@ -64,24 +68,28 @@ class Header:
 
 def read_header(path: Path) -> Header:
     """Parse and validate a safetensors header; raise BadInput naming the file and the problem."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise BadInput(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > min(MAX_HEADER_BYTES, size - 8):
-            raise BadInput(f"{path}: truncated or malformed safetensors (header length {header_len} > file)")
-        raw = f.read(header_len)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadInput(f"{path}: malformed safetensors header ({e.__class__.__name__})") from None
+        with open_regular(path) as fd:
+            size = os.fstat(fd).st_size
+            prefix = os.pread(fd, 8, 0)
+            if len(prefix) < 8:
+                raise BadInput(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > min(MAX_HEADER_BYTES, size - 8):
+                raise BadInput(f"{path}: truncated or malformed safetensors (header length {header_len} > file)")
+            raw = os.pread(fd, header_len, 8)
+    except NotRegular as e:
+        raise BadInput(str(e)) from None
+    except OSError as e:
+        raise BadInput(f"cannot read {path}: {e.strerror or e}") from None
+    header = parse_json(raw, f"{path}: safetensors header")
     if not isinstance(header, dict):
         raise BadInput(f"{path}: malformed safetensors header (not a JSON object)")
     data_start = 8 + header_len
     data_size = size - data_start
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise BadInput(f"{path}: safetensors __metadata__ must be an object of strings")
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         tensors[name] = _check_entry(path, name, entry, data_start, data_size)
@@ -99,29 +107,31 @@ def _check_entry(path: Path, name: str, entry: object, data_start: int, data_siz
     if not isinstance(entry, dict):
         raise bad("entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
-        raise bad(f"unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise bad(f"bad shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-        raise bad(f"bad data_offsets {offsets!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise bad(f"unknown dtype {dtype!r:.40}")
+    if not (isinstance(shape, list) and len(shape) <= MAX_DIMS
+            and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape)):
+        raise bad(f"bad shape {shape!r:.120}")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+        raise bad(f"bad data_offsets {offsets!r:.120}")
     begin, end = offsets
     if not 0 <= begin <= end <= data_size:
         raise bad(f"data_offsets {offsets} outside the {data_size} data bytes (truncated file?)")
-    expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+    expected = math.prod(shape) * DTYPES[dtype].itemsize  # Python integers: no overflow to wrap around
     if end - begin != expected:
         raise bad(f"{end - begin} bytes for shape {shape} of {dtype} (expected {expected})")
     return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
 class MappedFile:
-    """A read-only memory map of one file; tensors made from it share its pages (copy-on-write)."""
+    """A read-only memory map of one regular file; tensors made from it share its pages (copy-on-write)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, follow_symlinks: bool = True):
         self.path = path
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            self._map = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else None
+        with open_regular(path, follow_symlinks) as fd:
+            size = os.fstat(fd).st_size
+            self._map = mmap.mmap(fd, size, access=mmap.ACCESS_COPY) if size else None
 
     def view(self, start: int, end: int) -> memoryview:
         if self._map is None:

