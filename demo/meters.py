@@ -305,11 +305,6 @@ def aspect_ratios_of(images: np.ndarray) -> np.ndarray:
     return np.array([r.aspect for r in measure(images)], dtype=np.float64)
 
 
-def aspect_ratio_of(image: np.ndarray) -> float:
-    """Width/height of one image's foreground from its second moments; NaN if it has none."""
-    return float(aspect_ratios_of(image)[0])
-
-
 @dataclass(frozen=True)
 class FactReading:
     """Does the LM complete prompt -> target?

@@ -50,10 +50,6 @@ class BuiltModel:
     reused: bool
     seconds: float
 
-    @property
-    def passed(self) -> bool:
-        return all(float(self.metrics.get(k, float("-inf"))) >= v for k, v in self.thresholds.items())
-
 
 def code_version() -> str:
     """A hash of the code that decides what the world's models are: change it and the world rebuilds.

@@ -39,14 +39,6 @@ def _walk(session: Session, query: str, version_id: int) -> list[LineageNode]:
     return list(nodes.values())
 
 
-def descendant_ids_sql() -> str:
-    """SQL selecting the ids of every descendant of :start, for use in filters."""
-    return (
-        "WITH RECURSIVE d(id) AS (SELECT child_id FROM version_parents WHERE parent_id = :start "
-        "UNION SELECT e.child_id FROM version_parents e JOIN d ON e.parent_id = d.id) SELECT id FROM d"
-    )
-
-
 def lineage(registry: Registry, ref: str) -> Lineage:
     with registry.db.read() as session:
         version = resolve(session, ref, include_deleted=True)

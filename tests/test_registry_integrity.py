@@ -177,3 +177,38 @@ def test_derived_tensors_are_kept_replaced_and_shared_through_the_database(home,
     assert report.blobs_removed == 1  # the replaced eye(3); the current value is kept
     assert zoo.verify().blobs_checked == 1
     assert zoo.stats().derived_bytes == 3 * 3 * 4
+
+
+class _ChangesOnSecondRead(dict):
+    """Changed tensors whose content differs the second time they are staged (a source edited under a
+    running commit), so a restaging stores other blobs than the first staging did."""
+
+    def __init__(self, name: str, first: torch.Tensor, second: torch.Tensor):
+        super().__init__({name: first})
+        self._second = {name: second}
+        self._reads = 0
+
+    def items(self):  # type: ignore[override]
+        self._reads += 1
+        return super().items() if self._reads == 1 else self._second.items()
+
+
+def test_a_restaged_commit_leaves_no_blob_of_its_first_staging_behind(zoo, gpt2_dir, monkeypatch):
+    from modelzoo.registry import store
+
+    base = zoo.import_(gpt2_dir, "gpt2")
+    claim = store.Registry.claim_blobs
+    calls = []
+
+    def vanish_once(self, session, blobs):  # as if a gc removed a blob between staging and the commit
+        calls.append(1)
+        if len(calls) == 1:
+            raise store._BlobVanished("simulated")
+        return claim(self, session, blobs)
+
+    monkeypatch.setattr(store.Registry, "claim_blobs", vanish_once)
+    changed = _ChangesOnSecondRead("transformer.ln_f.weight", torch.full((32,), 2.0), torch.full((32,), 3.0))
+    child = zoo.commit(base.ref, changed, method="scale")
+    assert torch.equal(zoo.tensors(child.ref)["transformer.ln_f.weight"], torch.full((32,), 3.0))
+    report = zoo.gc(grace_s=0)
+    assert report.stray_files_removed == 0 and report.blobs_removed == 0

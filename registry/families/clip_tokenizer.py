@@ -50,10 +50,3 @@ def clip_tokenizer_files(max_merges: int = FULL_MERGES, model_max_length: int = 
             {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
         ).encode(),
     }
-
-
-def write_clip_tokenizer(directory: Path, max_merges: int = FULL_MERGES, model_max_length: int = 77) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, data in clip_tokenizer_files(max_merges, model_max_length).items():
-        (directory / name).write_bytes(data)
-    return directory
