@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemaining
 from modelzoo.cli.output import console, emit, errors
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.families.base import Family, Sample, contact_sheet, get_family
-from modelzoo.registry.paths import check_creatable_folder
+from modelzoo.registry.paths import check_creatable_file, check_creatable_folder
 from modelzoo.registry.records import VersionInfo
 
 MAX_SEED = 2**32  # seeds are numpy RandomState seeds (latents_for_seeds), as in the official generators
@@ -58,9 +58,7 @@ def check_request(seed: int, n: int, steps: int | None, out: Path | None, grid: 
     if grid is not None:
         if grid.suffix.lower() != ".png":
             raise BadInput(f"--grid writes a PNG file; give it a .png name, not {grid.name!r}")
-        if grid.is_dir():
-            raise BadInput(f"--grid {grid} is a folder; give a file name ending in .png")
-        check_creatable_folder(grid.parent, "--grid")
+        check_creatable_file(grid, "--grid")
     return list(range(seed, seed + n))
 
 

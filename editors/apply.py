@@ -47,10 +47,15 @@ def apply_edit(
     with_context = getattr(editor, "with_context", None)
     if with_context is not None:
         request = with_context(request, EditContext(info, derived))
-    model = get_family(info.family).load(registry, info.ref, device)
+    family = get_family(info.family)
+    model = family.load(registry, info.ref, device)
     started = time.perf_counter()
     result = editor.edit(model, request, progress)
     duration = time.perf_counter() - started
+    outside = sorted(set(result.changed) - set(family.editable_tensors(model)))
+    if outside:  # a plugin's bug must not become a version that, say, rewrote the tokenizer's embeddings
+        raise BadInput(f"{method} changed tensors that {info.family} models do not let editors change "
+                       f"({', '.join(outside[:3])}); nothing registered")
     params = {"request": _request_json(request), **result.params}
     metrics = {**result.metrics, "edit_seconds": round(duration, 3)}
     child = registry.commit(

@@ -87,6 +87,14 @@ def check_creatable_folder(path: Path, what: str) -> Path:
     return absolute
 
 
+def check_creatable_file(path: Path, what: str) -> Path:
+    """A file that could be written: not a folder, in a folder that `check_creatable_folder` accepts."""
+    if path.is_dir():
+        raise BadInput(f"{what} {path} is a folder; give a file name")
+    check_creatable_folder(path.parent, what)
+    return path
+
+
 def output_folder(path: Path, what: str) -> Path:
     """A folder checked as `check_creatable_folder` does, then created; still-failing creation (a race,
     a full disk) is one BadInput line too."""

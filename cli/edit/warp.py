@@ -29,6 +29,7 @@ from modelzoo.cli.edit._shared import read_json_object
 from modelzoo.cli.output import console, emit, step_progress
 from modelzoo.editors.warp import WarpRequest
 from modelzoo.registry.errors import BadInput
+from modelzoo.registry.paths import check_creatable_file
 from modelzoo.registry.records import VersionInfo
 
 MAX_SEED = 2**32
@@ -56,15 +57,6 @@ def preview_seeds(first: int, n: int, request: WarpRequest) -> list[int]:
     if seen:
         raise BadInput(f"preview seeds {seen} are in the request; choose --preview-seed so the grid shows unseen ones")
     return seeds
-
-
-def check_writable(path: Path) -> None:
-    """`path` can be written as a file: it is not a folder and its nearest existing ancestor is one."""
-    if path.is_dir():
-        raise BadInput(f"--grid {path} is a folder; give a .png file name")
-    existing = next((p for p in path.parents if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise BadInput(f"--grid {path}: {existing} exists and is not a folder")
 
 
 def before_after(parent: Sequence[np.ndarray], child: Sequence[np.ndarray]) -> Image.Image:
@@ -119,7 +111,7 @@ def warp(
     )
     seeds = preview_seeds(preview_seed, preview_n, warp_request)
     if grid is not None:
-        check_writable(grid)
+        check_creatable_file(grid, "--grid")
     zoo = State.zoo()
     info = zoo.get(ref)
     with step_progress(f"warp {info.ref}", quiet=as_json) as progress:
