@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import shutil
 import struct
@@ -106,7 +107,9 @@ def dequantize_to_folder(path: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
     from transformers.utils import logging as transformers_logging
 
-    with without_progress_bars(transformers_logging):
+    # transformers' GGUF conversion draws its bar with plain tqdm, which its progress-bar switch does not
+    # reach; library code never prints, so the bar is drawn into a buffer and dropped.
+    with without_progress_bars(transformers_logging), contextlib.redirect_stderr(io.StringIO()):
         try:
             # dequantize=True: plain float weights and no quantizer left attached, so the model saves
             model = AutoModelForCausalLM.from_pretrained(
