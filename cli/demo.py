@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -17,6 +18,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from modelzoo.cli.output import console, errors, table
 from modelzoo.registry.errors import BadInput, NotFound
+from modelzoo.registry.records import VersionInfo
 
 
 def register(app: typer.Typer) -> None:
@@ -69,6 +71,7 @@ def register(app: typer.Typer) -> None:
         )
         show_search(zoo, built, profile, seed)
         edited = show_edit(zoo, built, quick)
+        show_debias(zoo, next(b.ref for b in built if b.family == "diffusion"), quick)
         show_fact_edit(zoo, built)
         lineage = zoo.lineage(edited)
         parents = ", ".join(f"{a.ref} ({a.relation}, {a.method})" for a in lineage.ancestors)
@@ -117,11 +120,7 @@ def show_edit(zoo, built, quick: bool) -> str:  # type: ignore[no-untyped-def]
     erased, others = "blue", tuple(c for c in BASIC_COLOURS if c != "blue")
     request = UceRequest(erase=(erased,), preserve=others, templates=tuple(f"a {{}} {s}" for s in SHAPES))
     name = f"{sd.split('@')[0]}-no-{erased}"
-    try:  # a demo run reuses the edit it made of this very parent
-        existing = [v for v in zoo.versions(name) if [p.ref for p in v.parents] == [sd]]
-    except NotFound:
-        existing = []
-    child = existing[-1] if existing else zoo.edit(sd, "uce", request, name=name)
+    child = _earlier_edit(zoo, name, sd) or zoo.edit(sd, "uce", request, name=name)
     n = 8 if quick else 32
 
     def share(ref: str, colour: str) -> float:
@@ -132,6 +131,50 @@ def show_edit(zoo, built, quick: bool) -> str:  # type: ignore[no-untyped-def]
     table(f"zoo edit uce {sd} --erase {erased} --preserve ...  ->  {child.ref} ({child.added_bytes:,} bytes added)",
           ["prompt colour", f"share drawn in it: {sd}", child.ref], rows)
     return str(child.ref)
+
+
+def show_debias(zoo, sd: str, quick: bool) -> None:  # type: ignore[no-untyped-def]
+    """Balance the colour the diffusion model draws for "a circle" (always red) between red and yellow
+    with UCE's debias loop, the colours read by the shapes world's meter. Red and yellow are neighbours
+    in hue, so the model has images half way between them (red and blue has none: the midway is green)."""
+    from modelzoo.demo.shapes import BASIC_COLOURS
+    from modelzoo.editors.uce import UceRequest
+
+    attributes = ("red", "yellow")
+    request = UceRequest(
+        mode="debias", debias=("a circle",), attributes=attributes, templates=("a {} circle",),
+        preserve=tuple(f"a {c} {s}" for c in BASIC_COLOURS for s in ("circle", "square")),
+        reader="meter", read=meter_reader, samples_per_prompt=16 if quick else 64, tolerance=0.1 if quick else 0.05,
+    )
+    name = f"{sd.split('@')[0]}-balanced"
+    child = _earlier_edit(zoo, name, sd) or zoo.edit(sd, "uce", request, name=name)
+    history = child.metrics["ratio_history"]
+    table(f"zoo edit uce {sd} --debias 'a circle' --attribute red --attribute yellow --reader meter  ->  "
+          f"{child.ref} ({child.metrics['iterations']} iterations)",
+          ["colour", f"share of 'a circle' read red or yellow: {sd}", child.ref],
+          [[a, f"{history[0][0][i]:.2f}", f"{history[-1][0][i]:.2f}"] for i, a in enumerate(attributes)])
+
+
+def meter_reader(images: np.ndarray, attributes: Sequence[str]) -> list[str | None]:
+    """The shapes world's analytic meters as UCE's debias reader: colours or shapes, whichever the
+    attributes name. They read the shapes world's images only, so only the demo and its users choose it."""
+    from modelzoo.demo.meters import colours_of, shapes_of
+    from modelzoo.demo.shapes import COLOURS, SHAPES
+
+    if set(attributes) <= set(COLOURS):
+        return colours_of(images, tuple(attributes))
+    if set(attributes) <= set(SHAPES):
+        return [s if s in attributes else None for s in shapes_of(images)]
+    raise BadInput(f"the meters read colours {COLOURS} or shapes {SHAPES}, not {list(attributes)}")
+
+
+def _earlier_edit(zoo, name: str, parent: str) -> VersionInfo | None:  # type: ignore[no-untyped-def]
+    """The edit of `parent` an earlier demo run registered as `name`: a demo run reuses it."""
+    try:
+        existing = [v for v in zoo.versions(name) if [p.ref for p in v.parents] == [parent]]
+    except NotFound:
+        return None
+    return existing[-1] if existing else None
 
 
 FACT_EDIT_STATS_TOKENS = 8192

@@ -50,16 +50,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import ClassVar, Literal
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
-from modelzoo.editors.base import EditProgress, EditResult, changed_tensors
+from modelzoo.editors.base import EditContext, EditProgress, EditResult, changed_tensors
 from modelzoo.editors.diffusion_text import UNET, TextSide, cross_attention_projections, text_side
 from modelzoo.registry.errors import BadInput
-from modelzoo.registry.families.base import LoadedModel
+from modelzoo.registry.families.base import LoadedModel, get_family
+from modelzoo.registry.queries import ListFilter, list_models
+
+if TYPE_CHECKING:
+    from modelzoo.registry.families.clip import ClipEncoder
+    from modelzoo.registry.store import Registry
 
 Mode = Literal["erase", "debias", "moderate"]
 TokenChoice = Literal["last", "last_and_following"]
@@ -71,6 +76,8 @@ EXPANSIONS: tuple[str, ...] = ("image of {}", "photo of {}", "portrait of {}", "
 
 AttributeReader = Callable[[np.ndarray, Sequence[str]], list[str | None]]
 """uint8 images (N, H, W, 3) and the attribute names -> the attribute read in each image (None: none)."""
+CLIP_READER = "clip"
+ZOO_CLIP_PREFIX = "clip:zoo:"
 
 
 @dataclass(frozen=True)
@@ -103,9 +110,13 @@ class UceRequest:
     """Place guides in the templates too (the reference's expand_prompts does); False keeps them bare."""
     expand_prompts: bool = False
     """Add the reference's five object templates ("image of {}", ...) to `templates`."""
-    reader: str = "meter"
-    """Debias attribute reader: "meter" (the shapes world's analytic colour/shape meters) or "clip:DIR"
-    (zero-shot with a CLIP folder written by `modelzoo.registry.families.clip.save_clip`)."""
+    reader: str = CLIP_READER
+    """Debias attribute reader. "clip": CLIP zero-shot over the attribute prompts (`clip_reader`) with the
+    registry's CLIP model, its one `clip`-family model, recorded as "clip:zoo:NAME@N"; "clip:zoo:REF":
+    that CLIP version. Any other name labels a reader the caller hands in as `read`, e.g. `clip_reader`
+    over an encoder it loaded (the CLI's `--reader clip:SPEC`) or the shapes world's meters (the demo)."""
+    read: AttributeReader | None = field(default=None, compare=False, repr=False, metadata={"provenance": False})
+    """The reader itself, a handle rather than a setting; `Zoo.edit` loads it for the names above."""
     max_iterations: int = 30
     tolerance: float = 0.05
     step_size: float = 1.0
@@ -147,14 +158,28 @@ class UceEditor:
         """`reader` overrides the request's attribute reader (for callers with their own classifier)."""
         self.reader = reader
 
+    def with_context(self, request: Any, context: EditContext) -> Any:
+        """Load the CLIP model a debias request reads attributes with, unless a reader was handed in."""
+        if (not isinstance(request, UceRequest) or request.mode != "debias" or self.reader is not None
+                or request.read is not None):
+            return request
+        _resolve(request)  # a bad request is refused before a model is loaded for it
+        registry = context.derived.registry
+        ref = _clip_version(registry, request.reader)
+        encoder: ClipEncoder = get_family("clip").load(registry, ref).pipeline
+        return replace(request, reader=f"{ZOO_CLIP_PREFIX}{ref}", read=clip_reader(encoder, request))
+
     def edit(self, model: LoadedModel, request: UceRequest, progress: EditProgress | None = None) -> EditResult:
         side = text_side(model)
         plan = _plan(side, request)
+        reader = self.reader or request.read
+        if request.mode == "debias" and reader is None:
+            raise BadInput(f"the debias reader {request.reader!r} is not loaded: edit through `Zoo.edit`, which "
+                           "loads the registry's CLIP model, or hand a reader in as `read`")
         names = cross_attention_projections(side.unet, request.projections, request.layers)
         modules = [side.unet.get_submodule(n) for n in names]
         W0 = [m.weight.detach().clone() for m in modules]
         before = {f"{UNET}/{n}.weight": w for n, w in zip(names, W0, strict=True)}
-        reader = self.reader or (_reader(request.reader) if request.mode == "debias" else None)
 
         applied = [torch.eye(W0[0].shape[1], dtype=torch.float64)]  # the map the weights now hold
 
@@ -177,7 +202,8 @@ class UceEditor:
         metrics |= _fit_metrics(rows, W0, applied[0])
         changed = changed_tensors(model, list(before), before)
         metrics |= {"edited_tensors": len(changed), "concept_rows": rows.counts}
-        return EditResult(changed=changed, params={**asdict(plan.resolved), "edited_modules": names}, metrics=metrics)
+        settings = {k: v for k, v in asdict(plan.resolved).items() if k != "read"}
+        return EditResult(changed=changed, params={**settings, "edited_modules": names}, metrics=metrics)
 
 
 Span = tuple[str, int]
@@ -286,16 +312,24 @@ def _resolve(r: UceRequest) -> UceRequest:
     return UceRequest(**{**asdict(r), "targets": guides, "preserve": tuple(dict.fromkeys(preserve))})
 
 
+def _templates(r: UceRequest) -> list[str]:
+    return list(dict.fromkeys((*r.templates, *(EXPANSIONS if r.expand_prompts else ()))))
+
+
+def _placed(template: str, concept: str) -> str:
+    return " ".join(template.format(concept).split())
+
+
 def _plan(side: TextSide, request: UceRequest) -> _Plan:
     """Validate every concept and its templated texts against the tokenizer; encode all texts at once."""
     r = _resolve(request)
-    templates = list(dict.fromkeys((*r.templates, *(EXPANSIONS if r.expand_prompts else ()))))
+    templates = _templates(r)
     ids: dict[str, tuple[int, ...]] = {}
 
     def span(template: str, concept: str, what: str, allow_empty: bool = False, at_end: bool = False) -> Span:
         """The concept in the template, starting at the concept's last token (or the text's, `at_end`)."""
         side.token_ids(concept, what, allow_empty)
-        text = " ".join(template.format(concept).split())
+        text = _placed(template, concept)
         ids[text] = tuple(side.token_ids(text, what, allow_empty))
         # BPE splits words on whitespace first, so the head's tokens are the text's first tokens.
         head = text if at_end else template.split("{}")[0] + concept
@@ -325,31 +359,39 @@ def _plan(side: TextSide, request: UceRequest) -> _Plan:
     return _Plan(r, pairs, preserve, attributes, side.encode(texts), {t: i for i, t in enumerate(texts)})
 
 
-def _reader(spec: str) -> AttributeReader:
-    """The attribute reader a request names (imported lazily: the meters live in the demo package)."""
-    if spec == "meter":
-        from modelzoo.demo.meters import colours_of, shapes_of
-        from modelzoo.demo.shapes import COLOURS, SHAPES
+def clip_reader(encoder: ClipEncoder, request: UceRequest) -> AttributeReader:
+    """CLIP zero-shot classification (Radford et al., arXiv 2103.00020, sec. 3.1.4): each image reads as
+    the attribute whose prompts its features match best. An attribute's prompts are the attribute placed
+    in each of the request's templates, their normalised text features averaged (prompt ensembling)."""
+    templates = _templates(request)
 
-        def meter(images: np.ndarray, attributes: Sequence[str]) -> list[str | None]:
-            if set(attributes) <= set(COLOURS):
-                return colours_of(images, tuple(attributes))
-            if set(attributes) <= set(SHAPES):
-                return [s if s in attributes else None for s in shapes_of(images)]
-            raise BadInput(f"the meters read colours {COLOURS} or shapes {SHAPES}, not {list(attributes)}")
+    def read(images: np.ndarray, attributes: Sequence[str]) -> list[str | None]:
+        T = np.stack([encoder.encode_texts([_placed(t, a) for t in templates]).mean(0) for a in attributes])
+        T /= np.linalg.norm(T, axis=1, keepdims=True)
+        scores = encoder.encode_images(images) @ T.T
+        return [attributes[i] for i in scores.argmax(1)]
 
-        return meter
-    if spec.startswith("clip:"):
-        from modelzoo.registry.families.clip import load_clip
+    return read
 
-        encoder = load_clip(spec.removeprefix("clip:"))
 
-        def zero_shot(images: np.ndarray, attributes: Sequence[str]) -> list[str | None]:
-            scores = encoder.encode_images(images) @ encoder.encode_texts(list(attributes)).T
-            return [attributes[i] for i in scores.argmax(1)]
-
-        return zero_shot
-    raise BadInput(f"unknown attribute reader {spec!r}; use 'meter' or 'clip:DIR'")
+def _clip_version(registry: Registry, reader: str) -> str:
+    """The CLIP version a reader name stands for: the registry's only `clip` model, or the one named."""
+    if reader.startswith(ZOO_CLIP_PREFIX):
+        info = registry.info(reader.removeprefix(ZOO_CLIP_PREFIX))
+        if info.family != "clip":
+            raise BadInput(f"the debias reader {info.ref} is a {info.family} model, not a clip model")
+        return info.ref
+    if reader != CLIP_READER:
+        raise BadInput(f"the debias reader {reader!r} is not one the registry holds: use 'clip' (its CLIP "
+                       "model) or 'clip:zoo:REF', or hand the reader in as `read`")
+    models = list_models(registry, ListFilter(family="clip"))
+    if not models:
+        raise BadInput("debiasing reads attributes with the registry's CLIP model and it has none: import one "
+                       "(a clip folder) or choose a reader (--reader clip:SPEC)")
+    if len(models) > 1:
+        raise BadInput(f"the registry has {len(models)} CLIP models ({', '.join(m.name for m in models)}): "
+                       "choose the debias reader with --reader clip:zoo:NAME")
+    return f"{models[0].name}@{models[0].latest}"
 
 
 def _observed(

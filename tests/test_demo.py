@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import snapshot, zoo_cli
+from test_editor_uce import shapes_pipeline_dir  # noqa: F401  (the quick shapes-world diffusion model, once)
 
 import modelzoo
 from modelzoo.demo.catalog import world_models
@@ -30,6 +31,7 @@ def test_quick_demo_builds_every_model_with_its_measured_quality(world_home, cap
     grids = sorted(p.name for p in (world_home / "demo").glob("*.png"))
     assert "shapes-sd-v1.png" in grids and "shapes-gan-red-circle-v1.png" in grids
     assert "measured quality" in result.out and "search on the shapes world" in result.out
+    assert "--reader meter" in result.out
     assert result.err == ""  # no third-party warnings or progress bars without -v
 
 
@@ -78,3 +80,24 @@ def test_demo_refuses_a_registry_of_another_schema(tmp_path, capsys):
     result = zoo_cli(capsys, home, "demo", "--quick")
     assert result.code == 2 and "newer than this modelzoo" in result.err
     assert snapshot(home) == before
+
+
+def test_demo_balances_the_colour_of_a_circle_read_by_the_meter(
+    zoo: modelzoo.Zoo, home: Path, shapes_pipeline_dir: Path, capsys: pytest.CaptureFixture[str]  # noqa: F811
+) -> None:
+    """The library's debias reader is CLIP; the demo, whose images the analytic meter reads exactly, passes
+    the meter, through the API and through `zoo edit uce --reader meter`."""
+    from modelzoo.cli.demo import show_debias
+
+    sd = zoo.import_(shapes_pipeline_dir, "shapes-sd")
+    show_debias(zoo, sd.ref, quick=True)
+    child = zoo.get("shapes-sd-balanced")
+    assert child.params["reader"] == "meter" and "--reader meter" in capsys.readouterr().out
+    assert child.metrics["ratio_history"][0] == [[1.0, 0.0]]  # the model draws "a circle" red
+    assert abs(child.metrics["observed_ratios"][0][0] - 0.5) <= 0.1, child.metrics
+
+    result = zoo_cli(capsys, home, "edit", "uce", sd.ref, "--debias", "a circle", "--attribute", "red",
+                     "--attribute", "yellow", "--template", "a {} circle", "--reader", "meter",
+                     "--max-iterations", "1", "--samples", "4", "--name", "cli-balanced", "--json")
+    assert result.code == 0, result.err
+    assert zoo.get("cli-balanced").params["reader"] == "meter"

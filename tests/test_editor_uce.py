@@ -270,12 +270,14 @@ def test_debiasing_a_shape_prompt_over_two_colours_approaches_half_and_half(shap
     green); red/yellow, neighbours in hue, does. Measured: the loop stopped after 7 iterations at 49/51 on
     its 64 seeds; 200 held-out samples read 58% red among those read as red or yellow (21% read as
     neither), and every colour prompt kept 100% agreement."""
+    from modelzoo.cli.demo import meter_reader
     from modelzoo.demo.meters import colours_of
 
     model = shapes_model(shapes_pipeline_dir)
     keep = tuple(f"a {c} {s}" for c in COLOURS for s in ("circle", "square"))
     request = UceRequest(mode="debias", debias=("a circle",), attributes=("red", "yellow"),
-                         templates=("a {} circle",), preserve=keep, samples_per_prompt=64)
+                         templates=("a {} circle",), preserve=keep, samples_per_prompt=64, reader="meter",
+                         read=meter_reader)
     result = UceEditor().edit(model, request)
     with torch.no_grad():
         images = model.pipeline("a circle", num_images_per_prompt=200, generator=torch.Generator().manual_seed(9),
@@ -290,6 +292,8 @@ def test_debiasing_a_shape_prompt_over_two_colours_approaches_half_and_half(shap
     ("{broken", "cannot read the UCE request"),
     ("[1, 2]", "a UCE request is a JSON object, not list"),
     ('{"erase": ["cat"], "earse": ["dog"]}', "unknown keys ['earse']"),
+    ('{"mode": "debias", "debias": ["a cat"], "attributes": ["red", "blue"], "read": "meter"}',
+     "unknown keys ['read']"),  # the reader handle is not a setting
 ])
 def test_cli_request_file_errors_are_one_line_and_register_nothing(
     capsys: pytest.CaptureFixture[str], home: Path, sd_dir: Path, tmp_path: Path, content: str | None, message: str

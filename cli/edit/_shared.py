@@ -26,9 +26,10 @@ def read_json_object(path: Path, what: str) -> dict[str, Any]:
 
 
 def request_from(cls: type, file: Path | None, flags: dict[str, Any], what: str) -> Any:
-    """The request dataclass from a JSON file, overridden by the flags that were given (not None/empty)."""
+    """The request dataclass from a JSON file, overridden by the flags that were given (not None/empty).
+    Fields that hold runtime handles (`metadata={"provenance": False}`) are not settings a file can give."""
     values = read_json_object(file, what) if file is not None else {}
-    names = {f.name for f in fields(cls)}
+    names = {f.name for f in fields(cls) if f.metadata.get("provenance", True)}
     unknown = sorted(set(values) - names)
     if unknown:
         raise BadInput(f"{what} {file}: unknown keys {unknown}; known: {sorted(names)}")
