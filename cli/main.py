@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 import modelzoo
-from modelzoo.cli import compose, demo, evaluate, sample, search
+from modelzoo.cli import compose, demo, evaluate, sample, search, serve
 from modelzoo.cli.edit import edit_app
 from modelzoo.cli.output import byte_progress, console, emit, errors, human_bytes, route_library_output, table
 from modelzoo.registry.errors import BadInput, NotFound, ZooError
@@ -315,6 +315,7 @@ demo.register(app)
 compose.register(app)
 evaluate.register(app)
 search.register(app)
+serve.register(app)
 
 
 def run(argv: list[str] | None = None) -> Any:
