@@ -73,7 +73,11 @@ def register_source(
 
     def stage() -> Staged:
         staged = registry.stage_tensors(source.tensors(), allow_nonfinite, progress, total)
-        staged.update(registry.stage_files(source.files))
+        try:
+            staged.update(registry.stage_files(source.files))
+        except BaseException:
+            registry.discard(staged)
+            raise
         return staged
 
     # The originals' own hashes are read on a thread of their own while staging hashes the tensors.

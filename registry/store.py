@@ -133,30 +133,27 @@ class Registry:
             return self.blobs.put_tensor(tensor)
 
         futures: dict[EntryKey, Future[StoredBlob]] = {}
-        staged: Staged = {}
-        error: BaseException | None = None
-        with ThreadPoolExecutor(max_workers=STAGING_THREADS) as pool:
-            try:
-                for name, tensor in tensors:
-                    if not name or ("tensor", name) in futures:
-                        raise BadInput(f"tensor name {name!r} is empty or appears twice")
-                    futures[("tensor", name)] = pool.submit(stage_one, name, tensor)
-            except BaseException as e:
-                error = e
+        pool = ThreadPoolExecutor(max_workers=STAGING_THREADS)
+        try:
+            for name, tensor in tensors:
+                if not name or ("tensor", name) in futures:
+                    raise BadInput(f"tensor name {name!r} is empty or appears twice")
+                futures[("tensor", name)] = pool.submit(stage_one, name, tensor)
+            staged: Staged = {}
             done = 0
             for key, future in futures.items():
-                try:
-                    staged[key] = future.result()
-                except BaseException as e:  # keep collecting: every written blob must be discarded
-                    error = error or e
-                    continue
+                staged[key] = future.result()
                 done += staged[key].nbytes
                 if progress:
                     progress(done, total_bytes)
-        if error is not None:
-            self.discard(staged)
-            raise error
-        return staged
+            return staged
+        except BaseException:  # Ctrl-C included: queued tensors never start, every written blob goes again
+            pool.shutdown(wait=True, cancel_futures=True)
+            self.discard({key: f.result() for key, f in futures.items()
+                          if not f.cancelled() and f.exception() is None})
+            raise
+        finally:
+            pool.shutdown()
 
     def discard(self, staged: Staged) -> None:
         """Undo a failed staging: remove the blobs it wrote that no committed version has since claimed.
@@ -175,7 +172,14 @@ class Registry:
             self.blobs.delete(loc for sha, loc in written.items() if sha not in claimed)
 
     def stage_files(self, files: Mapping[str, bytes]) -> Staged:
-        return {("file", path): self.blobs.put_file(data) for path, data in files.items()}
+        staged: Staged = {}
+        try:
+            for path, data in files.items():
+                staged[("file", path)] = self.blobs.put_file(data)
+        except BaseException:
+            self.discard(staged)
+            raise
+        return staged
 
     def create_version(
         self, spec: NewVersion, staged: Staged, restage: Callable[[], Staged] | None = None

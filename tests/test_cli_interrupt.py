@@ -91,8 +91,6 @@ def test_ctrl_c_during_esd_training_exits_130_and_registers_nothing(
     assert _state(capsys, home) == before
 
 
-@pytest.mark.xfail(strict=True, reason="Registry.stage_tensors loses the blob of the future it was waiting on when "
-                   "Ctrl-C arrives, and keeps staging the queued tensors before it discards")
 def test_ctrl_c_during_an_import_exits_130_and_leaves_no_blob(
     capsys: pytest.CaptureFixture[str], home: Path, tmp_path: Path
 ) -> None:
