@@ -22,6 +22,9 @@ class SampleGrids:
         self.capacity = capacity
         self._grids: OrderedDict[GridKey, bytes] = OrderedDict()
         self._lock = threading.Lock()
+        # One sampling at a time: each holds a whole model in memory and every core, and two first loads at
+        # once race inside diffusers' lazy imports.
+        self._sampling = threading.Lock()
 
     def png(self, ref: str, seed: int, n: int, prompt: str | None) -> bytes:
         if n > MAX_GRID_SAMPLES:
@@ -34,7 +37,8 @@ class SampleGrids:
             if key in self._grids:
                 self._grids.move_to_end(key)
                 return self._grids[key]
-        samples = self.zoo.sample(info.ref, seeds, prompt)
+        with self._sampling:
+            samples = self.zoo.sample(info.ref, seeds, prompt)
         if any(s.image is None for s in samples):
             raise BadInput(f"{info.ref} is a {info.family} model and draws text; a sample grid needs an image model")
         buffer = io.BytesIO()
