@@ -102,7 +102,6 @@ def test_search_by_text_and_sketch_then_open_a_version_page(browser, server_url,
     driver.find_element(By.ID, "search-button").click()
     top3 = [row.get_attribute("data-ref") for row in driver.find_elements(By.CSS_SELECTOR, "#results tr.hit")[:3]]
     assert "shapes-gan-red-circle@1" in top3, top3
-    driver.save_screenshot(str(tmp_path / "sketch.png"))
 
     driver.find_element(By.CSS_SELECTOR, 'tr.hit[data-ref="shapes-gan-red-circle@1"] a.ref').click()
     assert driver.find_element(By.TAG_NAME, "h1").text.startswith("shapes-gan-red-circle@1")
@@ -112,7 +111,6 @@ def test_search_by_text_and_sketch_then_open_a_version_page(browser, server_url,
     while not rendered(driver, grid) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert rendered(driver, grid)
-    driver.save_screenshot(str(tmp_path / "version.png"))
     if os.environ.get("ZOO_SCREENSHOTS"):  # refreshes the README's pictures, with an edit beside its parent
         driver.get(server_url + "/v/shapes-sd-no-blue@1?prompt=a+blue+circle&n=4")
         edited = driver.find_element(By.CSS_SELECTOR, "img.parent-grid")
