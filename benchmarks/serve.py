@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -79,7 +80,13 @@ def main() -> None:
     if args.home is None:
         subprocess.run([*ZOO, "--home", str(home), "demo", "--quick"], check=True, stdout=subprocess.DEVNULL)
     zoo = modelzoo.open(home)
-    in_process = latencies(lambda q: zoo.search(text=[q], top_k=10), args.clients, args.requests)
+    lock = threading.Lock()  # as the server does: concurrent encoder loads in threads are not safe
+
+    def search(q: str) -> object:
+        with lock:
+            return zoo.search(text=[q], top_k=10)
+
+    in_process = latencies(search, args.clients, args.requests)
     server, url = serve(home)
     try:
         over_http = latencies(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -113,13 +114,17 @@ def json_response(data: Any, status: int = 200) -> Response:
 def create_app(zoo: modelzoo.Zoo, settings: ServeSettings | None = None) -> Starlette:
     settings = settings or ServeSettings()
     grids = SampleGrids(zoo)
+    # One search at a time: each loads the encoder from the registry, and concurrent loads of a family's
+    # model in threads leave tensors unassigned.
+    searching = threading.Lock()
     templates = Jinja2Templates(directory=HERE / "templates")
     templates.env.filters["bytes"] = human_bytes
     templates.env.filters["pretty"] = lambda value: json.dumps(value, indent=2, default=str) if value else ""
 
     def hits(request: SearchRequest) -> list[dict[str, Any]]:
-        found = zoo.search(text=request.text, image=request.image, sketch=request.sketch, like=request.like,
-                           top_k=request.top_k, family=request.family, tags=request.tags)
+        with searching:
+            found = zoo.search(text=request.text, image=request.image, sketch=request.sketch, like=request.like,
+                               top_k=request.top_k, family=request.family, tags=request.tags)
         return [_hit_json(h) for h in found]
 
     async def posted_search(request: Request) -> SearchRequest:

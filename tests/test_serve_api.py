@@ -9,6 +9,7 @@ import json
 import re
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -217,6 +218,9 @@ def test_every_api_route_equals_the_cli_json_on_the_quick_world(quick_world, tmp
         assert client.get(route).json() == cli_json(capsys, quick_world, *args), route
     for query, args in QUICK_WORLD_SEARCHES:
         assert client.get(f"/api/search?{query}").json() == cli_json(capsys, quick_world, "search", *args), query
+    with ThreadPoolExecutor(4) as pool:  # concurrent clients, each loading the encoder: all answered alike
+        answers = list(pool.map(lambda _: client.get("/api/search?text=a+red+circle"), range(4)))
+    assert all(a.status_code == 200 and a.json() == answers[0].json() for a in answers)
     from modelzoo.demo.shapes import ShapeSpec, draw
 
     query = tmp_path / "red.png"
