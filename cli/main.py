@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,7 +15,7 @@ from modelzoo.cli import compose, demo, evaluate, sample, search, serve
 from modelzoo.cli.edit import edit_app
 from modelzoo.cli.output import byte_progress, console, emit, errors, human_bytes, route_library_output, table
 from modelzoo.registry.errors import BadInput, NotFound, ZooError
-from modelzoo.registry.queries import ListFilter
+from modelzoo.registry.queries import ListFilter, parse_since
 from modelzoo.registry.records import Diff, Lineage, VerifyReport, VersionInfo, to_json
 
 app = typer.Typer(
@@ -132,13 +131,7 @@ def list_(
     as_json: JsonFlag = False,
 ) -> None:
     """List models with their latest version; filters compose in one query."""
-    try:
-        since_date = datetime.fromisoformat(since) if since else None
-    except ValueError:
-        raise BadInput(f"invalid date {since!r}: use ISO format, e.g. 2026-11-25") from None
-    if since_date is not None and since_date.tzinfo is None:
-        since_date = since_date.replace(tzinfo=UTC)
-    flt = ListFilter(family, parse_pairs(tag), method, since_date, descendant_of)
+    flt = ListFilter(family, parse_pairs(tag), method, parse_since(since), descendant_of)
     models = State.zoo().list(flt)
     emit(models, as_json, lambda ms: table(
         None, ["name", "family", "latest", "versions", "matching", "tags", "description"],

@@ -95,12 +95,12 @@ def search(
         tags=_pairs(tag), encoder=encoder, device=device,
     )
     if as_json:
-        print(json.dumps([_hit_json(h) for h in hits], indent=2))
+        print(json.dumps([hit_json(h) for h in hits], indent=2))
     else:
         _render_hits(hits)
 
 
-def _hit_json(hit: SearchHit) -> dict[str, object]:
+def hit_json(hit: SearchHit) -> dict[str, object]:
     return {
         "rank": hit.rank, "ref": hit.ref, "model": hit.model, "version": hit.version, "family": hit.family,
         "score": hit.score, "scores": hit.scores, "thumbnail": hit.thumbnail,

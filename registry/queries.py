@@ -4,7 +4,7 @@ related versions by shared tensor bytes. Each is one SQL query (plus a recursive
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.orm import Session
@@ -35,6 +35,17 @@ class ListFilter:
     method: str | None = None
     since: datetime | None = None
     descendant_of: str | None = None
+
+
+def parse_since(text: str | None) -> datetime | None:
+    """A `since` filter as users type it: an ISO date or time, read as UTC when it names no zone."""
+    if not text:
+        return None
+    try:
+        since = datetime.fromisoformat(text)
+    except ValueError:
+        raise BadInput(f"invalid date {text[:40]!r}: use ISO format, e.g. 2026-11-25") from None
+    return since if since.tzinfo is not None else since.replace(tzinfo=UTC)
 
 
 def descendants_cte(version_id: int):  # type: ignore[no-untyped-def]

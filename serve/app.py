@@ -7,7 +7,6 @@ import json
 import re
 import threading
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +25,12 @@ from starlette.templating import Jinja2Templates
 import modelzoo
 from modelzoo.cli.main import parse_pairs
 from modelzoo.cli.output import human_bytes
-from modelzoo.cli.search import _hit_json
+from modelzoo.cli.search import hit_json
 from modelzoo.registry.errors import BadInput, Corrupted, NotFound, ZooError
 from modelzoo.registry.families.base import get_family
 from modelzoo.registry.files import read_limited
 from modelzoo.registry.paths import join_inside
-from modelzoo.registry.queries import ListFilter
+from modelzoo.registry.queries import ListFilter, parse_since
 from modelzoo.registry.records import to_json
 from modelzoo.search.indexer import thumbnail_dir
 from modelzoo.serve.lineage_svg import lineage_svg
@@ -95,15 +94,8 @@ def integer(fields: MultiDict, name: str, default: int) -> int:
 
 def list_filter(params: QueryParams) -> ListFilter:
     """`zoo list`'s filters from a query string (family, tag=k=v repeated, method, since, descendant_of)."""
-    since = params.get("since") or None
-    try:
-        since_date = datetime.fromisoformat(since) if since else None
-    except ValueError:
-        raise BadInput(f"invalid date {since!r}: use ISO format, e.g. 2026-11-25") from None
-    if since_date is not None and since_date.tzinfo is None:
-        since_date = since_date.replace(tzinfo=UTC)
     return ListFilter(params.get("family") or None, parse_pairs(_texts(params, "tag")), params.get("method") or None,
-                      since_date, params.get("descendant_of") or None)
+                      parse_since(params.get("since")), params.get("descendant_of") or None)
 
 
 def json_response(data: Any, status: int = 200) -> Response:
@@ -125,7 +117,7 @@ def create_app(zoo: modelzoo.Zoo, settings: ServeSettings | None = None) -> Star
         with searching:
             found = zoo.search(text=request.text, image=request.image, sketch=request.sketch, like=request.like,
                                top_k=request.top_k, family=request.family, tags=request.tags)
-        return [_hit_json(h) for h in found]
+        return [hit_json(h) for h in found]
 
     async def posted_search(request: Request) -> SearchRequest:
         form = await bounded_form(request, settings.max_upload_bytes)

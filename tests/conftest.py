@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -74,3 +77,29 @@ def pg_database(postgres_url: str) -> str:
     with psycopg.connect(postgres_url.replace("+psycopg", ""), autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
     return postgres_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    home: Path
+    out: str
+    err: str
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
+    """`zoo demo --quick` run once per session, as the README's first command runs it; tests that read
+    the world it builds share it and leave it unchanged."""
+    from modelzoo.cli.main import run
+
+    home = tmp_path_factory.mktemp("quick-world") / "zoo"
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err), pytest.raises(SystemExit) as done:
+        run(["--home", str(home), "demo", "--quick"])
+    assert done.value.code in (0, None), err.getvalue()
+    return DemoRun(home, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="session")
+def quick_world(quick_demo: DemoRun) -> Path:
+    return quick_demo.home

@@ -13,15 +13,9 @@ import modelzoo
 from modelzoo.demo.catalog import world_models
 
 
-@pytest.fixture(scope="module")
-def world_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("world") / "zoo"
-
-
 @pytest.mark.slow
-def test_quick_demo_builds_every_model_with_its_measured_quality(world_home, capsys):
-    result = zoo_cli(capsys, world_home, "demo", "--quick")
-    assert result.code == 0, result.err
+def test_quick_demo_builds_every_model_with_its_measured_quality(quick_demo):
+    result, world_home = quick_demo, quick_demo.home
     zoo = modelzoo.open(world_home)
     for model in world_models("quick"):
         info = zoo.get(model.name)
@@ -36,13 +30,12 @@ def test_quick_demo_builds_every_model_with_its_measured_quality(world_home, cap
 
 
 @pytest.mark.slow
-def test_quick_world_search_ranks_each_slice_gan_first(world_home, capsys):
-    """Issue 4's retrieval bar on the quick world: text and image queries find their slice's GAN."""
+def test_quick_world_search_ranks_each_slice_gan_first(quick_world):
+    """Text and image queries drawn as the world draws them find their slice's GAN."""
     from modelzoo.demo.catalog import QUICK_GAN_SLICES
     from modelzoo.demo.search_eval import retrieval
 
-    zoo_cli(capsys, world_home, "demo", "--quick")  # cached after the first test
-    zoo = modelzoo.open(world_home)
+    zoo = modelzoo.open(quick_world)
     among_gans = retrieval(zoo, QUICK_GAN_SLICES, family="gan")
     assert among_gans["text"]["top1"] >= 0.9 and among_gans["image"]["top1"] >= 0.9, among_gans
     among_all = retrieval(zoo, QUICK_GAN_SLICES)
@@ -51,12 +44,12 @@ def test_quick_world_search_ranks_each_slice_gan_first(world_home, capsys):
 
 
 @pytest.mark.slow
-def test_second_demo_reuses_the_cached_world(world_home, capsys):
-    before = {m.name: m.latest for m in modelzoo.open(world_home).list()}
-    result = zoo_cli(capsys, world_home, "demo", "--quick")
+def test_second_demo_reuses_the_cached_world(quick_world, capsys):
+    before = {m.name: m.latest for m in modelzoo.open(quick_world).list()}
+    result = zoo_cli(capsys, quick_world, "demo", "--quick")
     assert result.code == 0, result.err
     assert "cached" in result.out
-    assert {m.name: m.latest for m in modelzoo.open(world_home).list()} == before
+    assert {m.name: m.latest for m in modelzoo.open(quick_world).list()} == before
 
 
 def test_demo_refuses_a_damaged_registry_and_changes_nothing(home, gpt2_dir, capsys):

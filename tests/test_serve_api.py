@@ -20,7 +20,6 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 import modelzoo
-from modelzoo.cli.main import run
 from modelzoo.serve import ServeSettings, create_app
 
 
@@ -185,20 +184,6 @@ QUICK_WORLD_SEARCHES = [
     ("text=a+blue+square&top_k=2&family=gan", ["--text", "a blue square", "--top-k", "2", "--family", "gan"]),
     ("like=shapes-gan-red-circle@1&top_k=3", ["--like", "shapes-gan-red-circle@1", "--top-k", "3"]),
 ]
-
-
-def build_quick_world(base: Path) -> Path:
-    """The quick demo's registry, built once per test session (the demo reuses what it already built)."""
-    home = base / "serve-quick-world" / "zoo"
-    with pytest.raises(SystemExit) as done:
-        run(["--home", str(home), "demo", "--quick"])
-    assert done.value.code in (0, None)
-    return home
-
-
-@pytest.fixture(scope="session")
-def quick_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_quick_world(tmp_path_factory.getbasetemp())
 
 
 @pytest.mark.slow

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-from test_serve_api import quick_world  # noqa: F401  (the quick demo's registry, once per session)
 
 import modelzoo
 from modelzoo.serve import create_app
@@ -23,7 +22,7 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
 @pytest.fixture
-def server_url(quick_world: Path) -> Iterator[str]:  # noqa: F811
+def server_url(quick_world: Path) -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
