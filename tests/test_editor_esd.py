@@ -106,7 +106,7 @@ def test_cli_bad_input_exits_2_and_registers_nothing(
     assert snapshot(home) == before
 
 
-def test_interrupted_training_exits_2_and_registers_nothing(
+def test_interrupted_training_exits_130_and_registers_nothing(
     capsys: pytest.CaptureFixture[str], home: Path, sd_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert zoo_cli(capsys, home, "import", str(sd_dir), "--name", "sd").code == 0
@@ -123,7 +123,7 @@ def test_interrupted_training_exits_2_and_registers_nothing(
 
     monkeypatch.setattr(torch.optim.Adam, "step", interrupted)
     result = zoo_cli(capsys, home, "edit", "esd", "sd", "--erase", "cat", "--iterations", "5", "--ddim-steps", "3")
-    assert result.code == 2 and "interrupted" in result.err and "nothing registered" in result.err
+    assert result.code == 130 and result.err == "interrupted: nothing was registered\n"
     assert snapshot(home) == before
 
 
