@@ -214,3 +214,31 @@ class DerivedTensor(Base):
     # version has that manifest. NULL for values that depend on no version.
     depends_on: Mapped[str | None] = mapped_column(String(64), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Analysis(Base):
+    """What an interpretability method computed from a version without changing it (a linear relational
+    embedding, a function vector, a probe, a circuit): results, not caches, so `gc` keeps them while
+    their version has content. `input_hash` is the sha256 of the data it was computed on."""
+
+    __tablename__ = "analyses"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    params: Mapped[dict[str, Any]]
+    metrics: Mapped[dict[str, Any]]
+    input_hash: Mapped[str] = mapped_column(String(64))
+    package_version: Mapped[str] = mapped_column(String(32))
+    duration_s: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AnalysisTensor(Base):
+    """(analysis, tensor name) -> blob, as a manifest entry is for a version."""
+
+    __tablename__ = "analysis_tensors"
+
+    analysis_id: Mapped[int] = mapped_column(ForeignKey("analyses.id"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(512), primary_key=True)
+    blob_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"), index=True)
