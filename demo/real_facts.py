@@ -261,6 +261,30 @@ def load(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+HALVES = ("selection", "acceptance")
+
+
+def half(requests: Sequence[dict[str, Any]], which: str) -> list[dict[str, Any]]:
+    """One of two fixed halves of a fact set: hyperparameters are chosen on "selection", tests assert on
+    "acceptance", so a test does not grade the facts its settings were fitted to.
+
+    Within each relation the requests alternate between the halves in file order (the 1st, 3rd, ... fact of
+    a relation select, the 2nd, 4th, ... accept): each half holds every relation in the same share, keeps
+    the file's shuffled order so that any prefix mixes the relations, and the split needs no seed of its own.
+    demo/real_facts.jsonl (179 facts) splits into 90 and 89: capital 23 / 22, language 27 / 27, currency
+    6 / 6, continent 34 / 34."""
+    if which not in HALVES:
+        raise ValueError(f"half is one of {', '.join(HALVES)}, not {which!r}")
+    seen: dict[str, int] = {}
+    out = []
+    for r in requests:
+        position = seen.get(r["relation"], 0)
+        seen[r["relation"]] = position + 1
+        if HALVES[position % 2] == which:
+            out.append(r)
+    return out
+
+
 DEFAULT_FILE = Path(__file__).with_name("real_facts.jsonl")
 
 

@@ -12,6 +12,7 @@ from sqlalchemy import select
 from test_family_lm import tiny_bpe_tokenizer, tiny_llama
 from tiny_models import tiny_gpt2
 
+from modelzoo.demo.real_facts import DEFAULT_FILE, HALVES, half, load
 from modelzoo.editors import memit_stats
 from modelzoo.editors.lm_eval import fact_scores, harmonic_mean
 from modelzoo.editors.lm_layout import layout_of
@@ -397,3 +398,16 @@ def test_neighbours_edited_in_the_same_batch_are_left_out_of_the_neighbourhood_s
     expected = fact_scores(model.pipeline, model.tokenizer, [request_from_json(spain_only)])
     assert (together.neighbors_skipped, alone.neighbors_skipped) == (1, 0)
     assert together.neighborhood == expected.neighborhood
+
+
+def test_fact_set_splits_into_fixed_halves_that_share_no_fact_and_each_hold_every_relation():
+    """Settings are chosen on one half and asserted on the other, so the split must not drift."""
+    rows = load(DEFAULT_FILE)
+    selection, acceptance = (half(rows, h) for h in HALVES)
+    assert [r["case_id"] for r in selection[:3]] == ["capital:Spain", "language:Mexico", "currency:China"]
+    assert [r["case_id"] for r in acceptance[:3]] == ["language:South Africa", "currency:Mexico", "continent:Kenya"]
+    assert sorted(r["case_id"] for r in selection + acceptance) == sorted(r["case_id"] for r in rows)
+    for relation in {r["relation"] for r in rows}:
+        counts = [sum(r["relation"] == relation for r in h) for h in (selection, acceptance)]
+        assert min(counts) >= 1 and abs(counts[0] - counts[1]) <= 1
+    assert min(len(selection), len(acceptance)) >= 80  # the most the slow test and the benchmark edit
