@@ -165,19 +165,42 @@ class LocalDirectoryBackend:
 @dataclass(frozen=True)
 class StoredBlob:
     sha256: str
-    kind: str  # "tensor" | "file"
+    kind: str  # "tensor" | "file" | "factored"
     dtype: str | None
     shape: tuple[int, ...] | None
-    nbytes: int
+    nbytes: int  # a factored tensor's merged size: what a version's logical size counts
     written: bool  # False when the content was already in the store
+    factors: Factors | None = None  # what a factored tensor staged just now is made of
 
     @property
     def location(self) -> str:
-        return blob_key(self.sha256, self.kind)
+        """Where its file lives; a factored tensor has none ("")."""
+        return "" if self.kind == FACTORED else blob_key(self.sha256, self.kind)
+
+    @property
+    def stored_bytes(self) -> int:
+        """The bytes its own file takes (a factored tensor's live in its B and A blobs)."""
+        return 0 if self.kind == FACTORED else self.nbytes
+
+    def with_parts(self) -> list[StoredBlob]:
+        """Itself, and the B and A blobs a factored tensor staged just now was written with."""
+        return [self] if self.factors is None else [self, self.factors.B, self.factors.A]
+
+
+@dataclass(frozen=True)
+class Factors:
+    """A factored tensor as staged (see `registry/factors.py`): base blob + scale * B @ A."""
+
+    base: str
+    B: StoredBlob
+    A: StoredBlob
+    scale: float
+    depth: int
 
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 BLOB_KINDS = ("tensor", "file")
+FACTORED = "factored"  # a tensor stored as factors over another blob; it has no file (see registry/factors.py)
 
 
 def blob_key(sha256: str, kind: str) -> str:

@@ -48,7 +48,7 @@ def export_version(registry: Registry, ref: str, out: Path, progress: Progress |
     # Hashes are checked on a second thread while the main one writes; the folder is only renamed into
     # place once every blob has proved intact.
     checker = ThreadPoolExecutor(max_workers=1)
-    checks = [checker.submit(registry.blobs.check, b.sha256, b.kind) for b in registry.manifest(ref).values()]
+    checks = [checker.submit(registry.check_blob, b.sha256, b.kind) for b in registry.manifest(ref).values()]
     staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:

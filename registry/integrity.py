@@ -6,20 +6,22 @@ from typing import Any
 
 from sqlalchemy import delete, select, text, update
 
-from modelzoo.registry.blobs import TEMP_PREFIX, blob_key
+from modelzoo.registry.blobs import FACTORED, TEMP_PREFIX, blob_key
 from modelzoo.registry.errors import Corrupted
+from modelzoo.registry.factors import made_from, with_parts
 from modelzoo.registry.paths import shown
 from modelzoo.registry.records import DamagedBlob, GcReport, VerifyReport
 from modelzoo.registry.refs import resolve
-from modelzoo.registry.schema import Blob, DerivedTensor, Embedding, ManifestEntry, Model, Version
+from modelzoo.registry.schema import Blob, BlobFactors, DerivedTensor, Embedding, ManifestEntry, Model, Version
 from modelzoo.registry.store import GC_LOCK_KEY, Registry
 
 DEFAULT_GRACE_S = 3600.0
 
 
 def _referenced() -> Any:
-    """The blobs something keeps: a version's manifest or a derived tensor."""
-    return select(ManifestEntry.blob_sha256).union(select(DerivedTensor.blob_sha256))
+    """The blobs something keeps: a version's manifest or a derived tensor, and the blobs that the
+    factored tensors among them are made of."""
+    return with_parts(select(ManifestEntry.blob_sha256).union(select(DerivedTensor.blob_sha256)))
 
 
 def verify(registry: Registry, ref: str | None = None) -> VerifyReport:
@@ -28,22 +30,33 @@ def verify(registry: Registry, ref: str | None = None) -> VerifyReport:
     with registry.db.read() as session:
         if ref is not None:
             version_id = resolve(session, ref, include_deleted=True).id
-            used: Any = select(ManifestEntry.blob_sha256).where(ManifestEntry.version_id == version_id)
+            used: Any = with_parts(select(ManifestEntry.blob_sha256).where(ManifestEntry.version_id == version_id))
         else:
             used = _referenced()
         blobs = session.scalars(select(Blob).where(Blob.sha256.in_(used)).order_by(Blob.sha256)).all()
     damaged: list[DamagedBlob] = []
     for blob in blobs:
-        problem = _misplaced(blob) or registry.blobs.check(blob.sha256, blob.kind)
+        problem = _misplaced(blob) or _content_problem(registry, blob)
         if problem is not None:
             damaged.append(DamagedBlob(blob.sha256, problem, versions_using(registry, blob.sha256),
                                        derived_using(registry, blob.sha256)))
-    return VerifyReport(len(blobs), sum(b.nbytes for b in blobs), damaged)
+    return VerifyReport(len(blobs), sum(b.nbytes for b in blobs if b.kind != FACTORED), damaged)
+
+
+def _content_problem(registry: Registry, blob: Blob) -> str | None:
+    """A blob file's hash mismatch; for a factored tensor, a missing factors row (its B, A and base are
+    checked as blobs of their own)."""
+    if blob.kind != FACTORED:
+        return registry.blobs.check(blob.sha256, blob.kind)
+    with registry.db.read() as session:
+        return None if session.get(BlobFactors, blob.sha256) is not None else "a factored tensor without its factors"
 
 
 def _misplaced(blob: Blob) -> str | None:
     """A row whose location is not where its hash puts the blob: someone edited the database. The file is
     read (and gc deletes) only where the hash says, so such a row names no other file."""
+    if blob.kind == FACTORED:
+        return None if blob.location == "" else f"a factored tensor's row names a location {shown(blob.location)[:120]!r}"
     try:
         expected = blob_key(blob.sha256, blob.kind)
     except Corrupted as e:
@@ -59,7 +72,7 @@ def versions_using(registry: Registry, sha256: str) -> list[str]:
             select(Model.name, Version.number)
             .join(Version, Version.model_id == Model.id)
             .join(ManifestEntry, ManifestEntry.version_id == Version.id)
-            .where(ManifestEntry.blob_sha256 == sha256)
+            .where(ManifestEntry.blob_sha256.in_(made_from(sha256)))
             .distinct()
             .order_by(Model.name, Version.number)
         )
@@ -104,6 +117,7 @@ def gc(registry: Registry, purge_deleted: bool = False, grace_s: float = DEFAULT
         referenced = _referenced()
         orphans = session.execute(select(Blob.sha256, Blob.kind, Blob.nbytes).where(
             Blob.sha256.not_in(referenced))).all()
+        session.execute(delete(BlobFactors).where(BlobFactors.sha256.not_in(referenced)))
         session.execute(delete(Blob).where(Blob.sha256.not_in(referenced)))
         registry.blobs.delete(key for key in (_key_or_none(sha, kind) for sha, kind, _ in orphans) if key)
         known = {_key_or_none(sha, kind) for sha, kind in session.execute(select(Blob.sha256, Blob.kind))}
@@ -112,7 +126,7 @@ def gc(registry: Registry, purge_deleted: bool = False, grace_s: float = DEFAULT
             if key not in known or key.rsplit("/", 1)[-1].startswith(TEMP_PREFIX)
         ]
         registry.blobs.delete(stray)
-    return GcReport(len(orphans), sum(n for _, _, n in orphans), len(stray), purged, dropped)
+    return GcReport(len(orphans), sum(n for _, kind, n in orphans if kind != FACTORED), len(stray), purged, dropped)
 
 
 def _key_or_none(sha256: str, kind: str) -> str | None:

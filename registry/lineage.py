@@ -64,8 +64,8 @@ def diff(registry: Registry, a: str, b: str) -> Diff:
         elif left_t[name].sha256 == right_t[name].sha256:
             unchanged += 1
         else:
-            x = registry.blobs.get_tensor(left_t[name].sha256).double()
-            y = registry.blobs.get_tensor(right_t[name].sha256).double()
+            x = registry.tensor_by_sha(left_t[name].sha256).double()
+            y = registry.tensor_by_sha(right_t[name].sha256).double()
             if x.shape != y.shape:
                 changed.append(TensorChange(name, "reshaped", None))
                 continue

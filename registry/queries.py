@@ -9,11 +9,13 @@ from datetime import UTC, datetime
 from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.orm import Session
 
+from modelzoo.registry.blobs import FACTORED
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.records import FindHit, ModelSummary, Related, StoreStats
 from modelzoo.registry.refs import hex_prefix, resolve
 from modelzoo.registry.schema import (
     Blob,
+    BlobFactors,
     DerivedTensor,
     ManifestEntry,
     Model,
@@ -141,12 +143,24 @@ def find(registry: Registry, sha_prefix: str) -> list[FindHit]:
             .order_by(Model.name, Version.number, SourceFile.path)
         )
         hits += [FindHit(sha, "source file", path, f"{model}@{number}") for sha, path, model, number in source_rows]
+        factor_rows = session.execute(
+            select(BlobFactors.b_sha256, BlobFactors.a_sha256, ManifestEntry.name, Model.name, Version.number)
+            .join(ManifestEntry, ManifestEntry.blob_sha256 == BlobFactors.sha256)
+            .join(Version, Version.id == ManifestEntry.version_id)
+            .join(Model, Model.id == Version.model_id)
+            .where(or_(hex_prefix(BlobFactors.b_sha256, prefix), hex_prefix(BlobFactors.a_sha256, prefix)))
+            .order_by(Model.name, Version.number, ManifestEntry.name)
+        )
+        for b, a, name, model, number in factor_rows:
+            role, sha = ("B", b) if b.startswith(prefix) else ("A", a)
+            hits.append(FindHit(sha, "factor", f"{name} ({role})", f"{model}@{number}"))
     return hits
 
 
 def stats(registry: Registry) -> StoreStats:
     with registry.db.read() as session:
-        blobs, stored = session.execute(select(func.count(), func.coalesce(func.sum(Blob.nbytes), 0))).one()
+        blobs, stored = session.execute(select(func.count(), func.coalesce(func.sum(Blob.nbytes), 0))
+                                        .where(Blob.kind != FACTORED)).one()
         versions, logical = session.execute(
             select(func.count(), func.coalesce(func.sum(Version.logical_bytes), 0)).where(Version.status == "ready")
         ).one()

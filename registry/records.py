@@ -71,7 +71,8 @@ class Related:
 @dataclass(frozen=True)
 class FindHit:
     sha256: str
-    kind: str  # "tensor" | "file" | "manifest" | "source file" (a file the version was imported from)
+    kind: str  # "tensor" | "factored" | "file" | "manifest" | "source file" (a file the version was imported
+    # from) | "factor" (the B or A of a factored tensor)
     name: str  # tensor name or file path ("" for a manifest hash)
     ref: str
 

@@ -91,6 +91,21 @@ class Blob(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class BlobFactors(Base):
+    """A factored tensor (`registry/factors.py`): blob `sha256`, of kind "factored" and with no file of its
+    own, is the tensor of blob `base_sha256` plus `scale` * B @ A. `depth` counts the factored links down
+    to a dense blob (1 when the base is dense)."""
+
+    __tablename__ = "blob_factors"
+
+    sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"), primary_key=True)
+    base_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"), index=True)
+    b_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"), index=True)
+    a_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"), index=True)
+    scale: Mapped[float] = mapped_column(Float)
+    depth: Mapped[int]
+
+
 class ManifestEntry(Base):
     """(version, tensor name or file path) -> blob. A child that changes k tensors adds k blobs."""
 

@@ -26,15 +26,18 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from modelzoo.registry.blobs import BlobStore, LocalDirectoryBackend, StoredBlob
+from modelzoo.registry.blobs import FACTORED, BlobStore, Factors, LocalDirectoryBackend, StoredBlob, tensor_digest
 from modelzoo.registry.db import Database
 from modelzoo.registry.errors import BadInput, NotFound
+from modelzoo.registry.factors import FactorRow, LowRank, factor_rows, merge, worth_factoring
 from modelzoo.registry.records import AliasEvent, ParentInfo, VersionInfo
 from modelzoo.registry.refs import check_alias_name, check_model_name, check_tag, ref_of, resolve
+from modelzoo.registry.safetensors_io import dtype_name, tensor_bytes
 from modelzoo.registry.schema import (
     Alias,
     AuditEvent,
     Blob,
+    BlobFactors,
     ManifestEntry,
     Model,
     Provenance,
@@ -160,7 +163,7 @@ class Registry:
 
         Runs as a write transaction, like gc, so it cannot race a commit that found those files present.
         """
-        written = {b.sha256: b.location for b in staged.values() if b.written}
+        written = {b.sha256: b.location for s in staged.values() for b in s.with_parts() if b.written}
         if not written:
             return
         with contextlib.suppress(Exception):  # wait for in-flight publishes; a failed one removed its file
@@ -239,11 +242,14 @@ class Registry:
         is still there (staging may have found it present, then a gc ran) and the commit."""
         if not self.db.is_sqlite:
             session.execute(text(f"SELECT pg_advisory_xact_lock_shared({GC_LOCK_KEY})"))
-        shas = {blob.sha256: blob for blob in blobs}
+        shas = {part.sha256: part for blob in blobs for part in blob.with_parts()}
         existing = self._existing_blobs(session, list(shas))
         new_blobs = [b for sha, b in shas.items() if sha not in existing]
         for blob in shas.values():
-            if not blob.written and not self.blobs.backend.exists(blob.location):
+            if blob.kind == FACTORED:
+                if blob.factors is None and blob.sha256 not in existing:  # found in a manifest, since removed
+                    raise _BlobVanished(blob.sha256)
+            elif not blob.written and not self.blobs.backend.exists(blob.location):
                 raise _BlobVanished(blob.sha256)
         if new_blobs:
             session.execute(
@@ -254,6 +260,12 @@ class Registry:
                     for b in new_blobs
                 ],
             )
+        factored = [(b.sha256, b.factors) for b in new_blobs if b.factors is not None]
+        if factored:
+            session.execute(BlobFactors.__table__.insert(), [
+                dict(sha256=sha, base_sha256=f.base, b_sha256=f.B.sha256, a_sha256=f.A.sha256, scale=f.scale,
+                     depth=f.depth)
+                for sha, f in factored])
         return new_blobs
 
     def _insert_version(self, session: Session, spec: NewVersion, staged: Staged) -> int:
@@ -279,7 +291,7 @@ class Registry:
             config=spec.config,
             manifest_hash=manifest_hash({k: b.sha256 for k, b in staged.items()}),
             logical_bytes=sum(b.nbytes for b in staged.values()),
-            added_bytes=sum(b.nbytes for b in new_blobs),
+            added_bytes=sum(b.stored_bytes for b in new_blobs),
         )
         session.add(version)
         session.flush()
@@ -321,7 +333,7 @@ class Registry:
     def commit(
         self,
         parent: str,
-        changed: Mapping[str, torch.Tensor],
+        changed: Mapping[str, torch.Tensor | LowRank],
         method: str,
         params: Mapping[str, Any] | None = None,
         metrics: Mapping[str, Any] | None = None,
@@ -333,8 +345,15 @@ class Registry:
         duration_s: float = 0.0,
         allow_noop: bool = False,
         allow_nonfinite: bool = False,
+        source: Mapping[str, Any] | None = None,
+        source_files: Mapping[str, tuple[str, int]] | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> VersionInfo:
-        """The one way to derive a version: the parent's manifest with `changed` tensors replaced or added."""
+        """The one way to derive a version: the parent's manifest with `changed` tensors replaced or added.
+
+        A `LowRank` change of a parent's tensor is stored as factors over it where the policy of
+        `registry/factors.py` allows, else merged and stored dense; readers see the merged tensor either way.
+        """
         with self.db.read() as session:
             base = resolve(session, parent)
             parent_ref, family, config = ref_of(base), base.model.family, dict(base.config)
@@ -345,9 +364,17 @@ class Registry:
             raise BadInput(f"cannot remove tensors that {parent_ref} does not have: {unknown[:3]}")
 
         def stage() -> Staged:
-            staged = self.stage_tensors(changed.items(), allow_nonfinite=allow_nonfinite)
+            items = list(changed.items())  # read again on each staging: the caller's values may have changed
+            dense = [(n, t) for n, t in items if not isinstance(t, LowRank)]
+            low_rank = {n: c for n, c in items if isinstance(c, LowRank)}
             with self.db.read() as session:
                 entries = self._staged_manifest(session, base.id)
+            staged = self.stage_tensors(dense, allow_nonfinite=allow_nonfinite)
+            try:
+                staged.update(self.stage_low_rank(entries, low_rank, allow_nonfinite))
+            except BaseException:
+                self.discard(staged)
+                raise
             for n in removed:
                 del entries[("tensor", n)]
             entries.update(staged)
@@ -363,14 +390,81 @@ class Registry:
             method=method,
             params=dict(params or {}),
             metrics=dict(metrics or {}),
+            source=dict(source or {}),
             duration_s=duration_s,
+            model_tags=dict(tags or {}),
             parents=[(parent_ref, relation, {})] + [(ref, relation, {}) for ref in other_parents],
+            source_files=dict(source_files or {}),
         )
         try:
             return self.create_version(spec, staged, restage=stage)
         except BaseException:
             self.discard(staged)
             raise
+
+    def stage_low_rank(self, parent: Staged, changes: Mapping[str, LowRank], allow_nonfinite: bool = False) -> Staged:
+        """Stage each change over the parent's tensor of that name: its B and A blobs and a factored entry,
+        or the merged tensor as a dense blob where the depth and size policy says so."""
+        if not changes:
+            return {}
+        bases = {name: parent.get(("tensor", name)) for name in changes}
+        missing = sorted(name for name, blob in bases.items() if blob is None)
+        if missing:
+            raise BadInput(f"a low-rank change needs the parent's tensor, and it has no {missing[:3]}")
+        with self.db.read() as session:
+            rows = factor_rows(session, [b.sha256 for b in bases.values() if b is not None and b.kind == FACTORED])
+        staged: Staged = {}
+        try:
+            for name, change in changes.items():
+                base = bases[name]
+                assert base is not None and base.shape is not None and base.dtype is not None
+                change.check(base.shape, f"tensor {name!r}")
+                merged = merge(self._materialize(base.sha256, rows, verify=True), change, in_place=True)
+                if not allow_nonfinite and not all(map(is_finite, (change.B, change.A, merged))):
+                    raise BadInput(f"the change of tensor {name!r} holds NaN or Inf values")
+                depth = rows[base.sha256].depth if base.sha256 in rows else 0
+                if not worth_factoring(change, base.shape, merged.element_size(), depth):
+                    staged[("tensor", name)] = self.blobs.put_tensor(merged)
+                    continue
+                data = tensor_bytes(merged)
+                sha = tensor_digest(dtype_name(merged.dtype), tuple(merged.shape), data)
+                B, A = (self.blobs.put_tensor(t.contiguous()) for t in (change.B, change.A))
+                staged[("tensor", name)] = StoredBlob(sha, FACTORED, base.dtype, base.shape, data.nbytes, False,
+                                                      Factors(base.sha256, B, A, float(change.scale), depth + 1))
+        except BaseException:
+            self.discard(staged)
+            raise
+        return staged
+
+    def _materialize(self, sha256: str, rows: Mapping[str, FactorRow], verify: bool) -> torch.Tensor:
+        """A tensor blob's value: a fresh map of a dense blob, or a factored one merged onto its base (in
+        place: the base is a fresh copy-on-write map or merge of its own)."""
+        row = rows.get(sha256)
+        if row is None:
+            return self.blobs.get_tensor(sha256, verify=verify)
+        B, A = (self.blobs.get_tensor(sha, verify=verify) for sha in (row.b, row.a))
+        return merge(self._materialize(row.base, rows, verify), LowRank(B, A, row.scale), in_place=True)
+
+    def tensor_by_sha(self, sha256: str, verify: bool = True) -> torch.Tensor:
+        """One tensor blob's value, merged if it is factored."""
+        with self.db.read() as session:
+            rows = factor_rows(session, [sha256])
+        return self._materialize(sha256, rows, verify)
+
+    def check_blob(self, sha256: str, kind: str) -> str | None:
+        """What is wrong with a blob (None when intact); a factored tensor is as sound as its parts."""
+        if kind != FACTORED:
+            return self.blobs.check(sha256, kind)
+        with self.db.read() as session:
+            rows = factor_rows(session, [sha256])
+        if sha256 not in rows:
+            return "a factored tensor without its factors"
+        for row in rows.values():
+            for role, part in (("B", row.b), ("A", row.a)) + ((("base", row.base),) if row.base not in rows else ()):
+                problem = self.blobs.check(part, "tensor")
+                if problem is not None:
+                    return f"its {role} blob {part[:12]} is damaged ({problem})"
+        return None
 
     def _staged_manifest_by_ref(self, ref: str) -> Staged:
         with self.db.read() as session:
@@ -462,18 +556,22 @@ class Registry:
     def load_tensors(
         self, ref: str, names: Iterable[str] | None = None, verify: bool = True
     ) -> dict[str, torch.Tensor]:
-        """The version's tensors as memory-mapped torch tensors, each checked against its hash."""
+        """The version's tensors as memory-mapped torch tensors, each checked against its hash; a factored
+        tensor is merged from its parts (each checked against its own hash) into memory of its own."""
         manifest = self.manifest(ref)
         wanted = None if names is None else set(names)
         if wanted is not None:
             missing = sorted(n for n in wanted if ("tensor", n) not in manifest)
             if missing:
                 raise NotFound(f"{ref} has no tensors {missing[:3]}")
-        return {
-            name: self.blobs.get_tensor(blob.sha256, verify=verify)
-            for (kind, name), blob in sorted(manifest.items())
-            if kind == "tensor" and (wanted is None or name in wanted)
-        }
+        chosen = {name: blob for (kind, name), blob in sorted(manifest.items())
+                  if kind == "tensor" and (wanted is None or name in wanted)}
+        factored = [b.sha256 for b in chosen.values() if b.kind == FACTORED]
+        rows: dict[str, FactorRow] = {}
+        if factored:
+            with self.db.read() as session:
+                rows = factor_rows(session, factored)
+        return {name: self._materialize(blob.sha256, rows, verify) for name, blob in chosen.items()}
 
     def load_files(self, ref: str, verify: bool = True) -> dict[str, bytes]:
         return {

@@ -31,9 +31,10 @@ RELEASED = {
     "0004_derived_depends_on.py": "1f513465a3c5b1a069e57b5c44d90cbd623dc35253f05c433bf27147f61c38f7",
     "0005_source_files.py": "3b9246535aca7a0999845146829a50143efe86848f66b550f6e4aedafb3e57e1",
     "0006_analyses.py": "fd84346327e843b46ca448d4711244bcd7f20b5310129a55e166decc83c5b568",
+    "0007_factored_tensors.py": "0cca9d59603d13bb4e9e682409764b99adcc6e6a03fac8bc4018d3ac20ba54b0",
 }
 # A revision, or "0003-edited": the schema that 0003 made while its script also created `depends_on`.
-STATES = ["0001", "0002", "0003", "0003-edited", "0004", "0005"]
+STATES = ["0001", "0002", "0003", "0003-edited", "0004", "0005", "0006"]
 KEPT = torch.arange(6, dtype=torch.float32).reshape(2, 3)
 DELETED = torch.ones(4)
 DERIVED = torch.eye(3)
