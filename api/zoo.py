@@ -73,7 +73,7 @@ class Zoo:
         config: str | Path | None = None,
         tags: Mapping[str, str] | None = None,
         base: str | None = None,
-        relation: str = "finetune",
+        relation: str | None = None,
         description: str = "",
         allow_nonfinite: bool = False,
         follow_symlinks: bool = False,
@@ -227,8 +227,10 @@ class Zoo:
     def diff(self, a: str, b: str) -> Diff:
         return lineage_queries.diff(self.registry, a, b)
 
-    def export(self, ref: str, out: str | Path, progress: Progress | None = None) -> Path:
-        return export_version(self.registry, ref, Path(out), progress)
+    def export(self, ref: str, out: str | Path, progress: Progress | None = None, format: str = "native") -> Path:
+        """Write a version as its library's folder ("native"), or a factored child as a LoRA adapter of its
+        parent ("lora")."""
+        return export_version(self.registry, ref, Path(out), progress, format)
 
     def verify(self, ref: str | None = None) -> VerifyReport:
         return integrity.verify(self.registry, ref)

@@ -91,14 +91,16 @@ def import_(
     config: Annotated[Path | None, typer.Option(help="JSON config for a single weights file.")] = None,
     tag: Annotated[list[str] | None, typer.Option(help="key=value label (repeatable).")] = None,
     base: Annotated[str | None, typer.Option(help="Parent version (REF), or 'auto' for the best match.")] = None,
-    relation: Annotated[str, typer.Option(help="Relation to --base.")] = "finetune",
+    relation: Annotated[str | None, typer.Option(
+        help="Relation to --base (default: adapter for a LoRA adapter, else finetune).")] = None,
     description: str = "",
     allow_nonfinite: Annotated[bool, typer.Option(help="Keep tensors holding NaN/Inf.")] = False,
     follow_symlinks: Annotated[bool, typer.Option(
         "--follow-symlinks", help="Follow links that leave the folder (files you trust, e.g. a HF cache).")] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Import a diffusers/transformers folder or a safetensors file as a new version."""
+    """Import a diffusers/transformers folder or a safetensors file as a new version, or a LoRA adapter (PEFT
+    folder, diffusers or kohya file) as a child of --base."""
     tags = parse_pairs(tag)
     with byte_progress(f"importing {path.name}", quiet=as_json) as progress:
         info = State.zoo().import_(
@@ -221,10 +223,16 @@ def diff(a: str, b: str, as_json: JsonFlag = False) -> None:
 
 
 @app.command()
-def export(ref: str, out: Path) -> None:
-    """Write a version as a folder that diffusers/transformers load with from_pretrained."""
+def export(
+    ref: str,
+    out: Path,
+    format: Annotated[str, typer.Option(
+        "--format", help="native: the merged model (from_pretrained); lora: a factored child as an adapter "
+        "of its parent (PEFT folder for an LM, diffusers LoRA file for diffusion).")] = "native",
+) -> None:
+    """Write a version as a folder that diffusers/transformers load with from_pretrained, or as a LoRA adapter."""
     with byte_progress(f"exporting {ref}") as progress:
-        path = State.zoo().export(ref, out, progress)
+        path = State.zoo().export(ref, out, progress, format)
     console.print(f"exported {ref} to {path}")
 
 

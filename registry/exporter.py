@@ -7,11 +7,14 @@ import json
 import os
 import shutil
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from modelzoo.registry.adapters import adapter_files
 from modelzoo.registry.errors import BadInput, Corrupted
 from modelzoo.registry.formats import split_tensor_name
 from modelzoo.registry.lineage import lineage
@@ -23,11 +26,20 @@ from modelzoo.registry.store import Progress, Registry
 CARD = "README.md"
 
 
-def export_version(registry: Registry, ref: str, out: Path, progress: Progress | None = None) -> Path:
-    """Write into a temporary sibling folder, then rename: an interrupted export leaves no half folder."""
+def export_version(
+    registry: Registry, ref: str, out: Path, progress: Progress | None = None, format: str = "native"
+) -> Path:
+    """Write into a temporary sibling folder, then rename: an interrupted export leaves no half folder.
+
+    `format`: "native" (the merged model, loadable by from_pretrained) or "lora" (a factored child as an
+    adapter of its parent, see `registry/adapters.py`)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BadInput(f"export target {out} already exists and is not an empty folder")
+    if format == "lora":
+        return _export_files(out, adapter_files(registry, ref))
+    if format != "native":
+        raise BadInput(f"unknown export format {format!r}: native or lora")
     info = registry.info(ref)
     weight_files = info.config.get("weight_files", {"": "model.safetensors"})
     if not isinstance(weight_files, dict) or not all(isinstance(v, str) for v in weight_files.values()):
@@ -43,40 +55,68 @@ def export_version(registry: Registry, ref: str, out: Path, progress: Progress |
         check_relative_path(path, f"file name in {info.ref}")
     for path in by_file:
         check_relative_path(path, f"weight file name in {info.ref}")
-    output_folder(out.parent, "export folder's parent")
 
     # Hashes are checked on a second thread while the main one writes; the folder is only renamed into
     # place once every blob has proved intact.
     checker = ThreadPoolExecutor(max_workers=1)
     checks = [checker.submit(registry.check_blob, b.sha256, b.kind) for b in registry.manifest(ref).values()]
+    try:
+        with _staged_folder(out) as staging:
+            _write_native(registry, info, staging, files, by_file, checks, progress)
+    finally:
+        checker.shutdown(cancel_futures=True)
+    return out
+
+
+def _write_native(
+    registry: Registry, info: VersionInfo, staging: Path, files: dict[str, bytes],
+    by_file: dict[str, dict[str, torch.Tensor]], checks: list[Future[str | None]], progress: Progress | None,
+) -> None:
+    for path, data in files.items():
+        if path != CARD:
+            _write(join_inside(staging, path, f"file name in {info.ref}"), data)
+    total = sum(t.nbytes for group in by_file.values() for t in group.values())
+    done = 0
+    for path, group in sorted(by_file.items()):
+        target = join_inside(staging, path, f"weight file name in {info.ref}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "wb") as f:
+            write_tensors(f, dict(sorted(group.items())), metadata={"format": "pt"})
+        done += sum(t.nbytes for t in group.values())
+        if progress:
+            progress(done, total)
+    _write(staging / CARD, model_card(registry, info, files.get(CARD)).encode())
+    problems = [p for p in (c.result() for c in checks) if p is not None]
+    if problems:
+        raise Corrupted(f"{info.ref} has damaged blobs ({problems[0]}); run `zoo verify`")
+
+
+@contextmanager
+def _staged_folder(out: Path) -> Iterator[Path]:
+    """A temporary sibling folder, renamed to `out` when the block ends, removed if it fails."""
+    output_folder(out.parent, "export folder's parent")
     staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        for path, data in files.items():
-            if path != CARD:
-                _write(join_inside(staging, path, f"file name in {info.ref}"), data)
-        total = sum(t.nbytes for t in tensors.values())
-        done = 0
-        for path, group in sorted(by_file.items()):
-            target = join_inside(staging, path, f"weight file name in {info.ref}")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with open(target, "wb") as f:
-                write_tensors(f, dict(sorted(group.items())), metadata={"format": "pt"})
-            done += sum(t.nbytes for t in group.values())
-            if progress:
-                progress(done, total)
-        _write(staging / CARD, model_card(registry, info, files.get(CARD)).encode())
-        problems = [p for p in (c.result() for c in checks) if p is not None]
-        if problems:
-            raise Corrupted(f"{ref} has damaged blobs ({problems[0]}); run `zoo verify`")
+        yield staging
         if out.exists():
             out.rmdir()
         os.replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    finally:
-        checker.shutdown(cancel_futures=True)
+
+
+def _export_files(out: Path, files: dict[str, bytes | dict[str, torch.Tensor]]) -> Path:
+    """Write files (bytes, or tensors as a safetensors file) in place of `out`, all or nothing."""
+    with _staged_folder(out) as staging:
+        for path, content in files.items():
+            target = join_inside(staging, path, "exported file name")
+            if isinstance(content, bytes):
+                _write(target, content)
+            else:
+                with open(target, "wb") as f:
+                    write_tensors(f, content, metadata={"format": "pt"})
     return out
 
 

@@ -11,8 +11,8 @@ differently in the last bit on another machine or thread count, and that must no
 Depth policy: a factored tensor's base may itself be factored, but the chain down to a dense blob is at
 most MAX_DEPTH links long; the change that would make it longer is merged and stored dense. So a chain of
 low-rank edits loads with at most MAX_DEPTH small matmuls per tensor, and every MAX_DEPTH + 1-th version
-in a chain pays for one dense copy. A change whose factors would take at least half the dense tensor's
-bytes is also stored dense: factoring it saves little and costs a merge at every load.
+in a chain pays for one dense copy. A change whose factors would take at least the dense tensor's bytes
+is also stored dense: factoring it saves nothing and costs a merge at every load.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from modelzoo.registry.errors import BadInput
 from modelzoo.registry.schema import BlobFactors
 
 MAX_DEPTH = 4
-MAX_FACTOR_FRACTION = 0.5  # of the dense tensor's bytes; above it the change is stored dense
+MAX_FACTOR_FRACTION = 1.0  # of the dense tensor's bytes; from there on the change is stored dense
 
 
 @dataclass(frozen=True)

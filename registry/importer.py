@@ -17,6 +17,9 @@ from typing import Any
 
 from sqlalchemy import select
 
+from modelzoo.registry import adapters
+from modelzoo.registry.errors import BadInput
+from modelzoo.registry.families.base import get_family
 from modelzoo.registry.files import open_regular
 from modelzoo.registry.formats import ImportSource, read_source
 from modelzoo.registry.queries import related_versions
@@ -38,17 +41,54 @@ def import_path(
     config_path: Path | None = None,
     tags: dict[str, str] | None = None,
     base: str | None = None,
-    relation: str = "finetune",
+    relation: str | None = None,
     description: str = "",
     allow_nonfinite: bool = False,
     follow_symlinks: bool = False,
     progress: Progress | None = None,
 ) -> VersionInfo:
+    """Import a model, or a LoRA adapter as a child of `base` (relation "adapter" unless given)."""
     check_model_name(name)
+    if adapters.adapter_format(Path(path)) is not None:
+        return import_adapter(registry, Path(path), name, base=base, family=family, relation=relation,
+                              tags=tags, description=description, follow_symlinks=follow_symlinks)
     source = read_source(path, family=family, config_path=config_path, follow_symlinks=follow_symlinks)
     return register_source(
-        registry, source, name, tags=tags, base=base, relation=relation, description=description,
+        registry, source, name, tags=tags, base=base, relation=relation or "finetune", description=description,
         allow_nonfinite=allow_nonfinite, progress=progress,
+    )
+
+
+def import_adapter(
+    registry: Registry,
+    path: Path,
+    name: str,
+    *,
+    base: str | None,
+    family: str | None = None,
+    relation: str | None = None,
+    tags: dict[str, str] | None = None,
+    description: str = "",
+    follow_symlinks: bool = False,
+) -> VersionInfo:
+    """Register a LoRA adapter (`registry/adapters.py`) as a factored child of `base`, its config in the
+    provenance; refused whole, with nothing stored, when it does not fit the base."""
+    if not base or base == AUTO_BASE:
+        raise BadInput(f"{path} is a LoRA adapter: name the version it adapts with --base REF")
+    started = time.perf_counter()
+    source = adapters.read_adapter(path, follow_symlinks)
+    info = registry.info(base)
+    if family and family != info.family:
+        raise BadInput(f"the adapter's base {info.ref} is a {info.family} model, not {family}")
+    model = get_family(info.family).load(registry, info.ref)
+    stored = {n for k, n in registry.manifest(info.ref) if k == "tensor"}
+    changes = adapters.adapter_changes(model, source, stored)
+    return registry.commit(
+        info.ref, changes, "import", {"adapter": adapters.json_safe(source.record())},
+        {"ranks": adapters.rank_summary(changes), "adapter_bytes": source.tensor_bytes, "tensors": len(changes)},
+        name=name, relation=relation or adapters.RELATION, duration_s=time.perf_counter() - started,
+        source={"path": str(source.path), "format": f"lora-{source.format}"},
+        source_files=_hash_files(source.originals), tags=tags, description=description,
     )
 
 

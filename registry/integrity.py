@@ -56,7 +56,7 @@ def _misplaced(blob: Blob) -> str | None:
     """A row whose location is not where its hash puts the blob: someone edited the database. The file is
     read (and gc deletes) only where the hash says, so such a row names no other file."""
     if blob.kind == FACTORED:
-        return None if blob.location == "" else f"a factored tensor's row names a location {shown(blob.location)[:120]!r}"
+        return None if blob.location == "" else f"a factored tensor's row names a file {shown(blob.location)[:120]!r}"
     try:
         expected = blob_key(blob.sha256, blob.kind)
     except Corrupted as e:

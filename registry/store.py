@@ -348,6 +348,7 @@ class Registry:
         source: Mapping[str, Any] | None = None,
         source_files: Mapping[str, tuple[str, int]] | None = None,
         tags: Mapping[str, str] | None = None,
+        description: str = "",
     ) -> VersionInfo:
         """The one way to derive a version: the parent's manifest with `changed` tensors replaced or added.
 
@@ -392,6 +393,7 @@ class Registry:
             metrics=dict(metrics or {}),
             source=dict(source or {}),
             duration_s=duration_s,
+            description=description,
             model_tags=dict(tags or {}),
             parents=[(parent_ref, relation, {})] + [(ref, relation, {}) for ref in other_parents],
             source_files=dict(source_files or {}),
