@@ -10,10 +10,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from modelzoo.analyses.base import AnalysisProgress, run_analysis
 from modelzoo.editors.apply import apply_edit
 from modelzoo.editors.base import EditProgress
 from modelzoo.editors.compose import compose as compose_versions
-from modelzoo.registry import integrity, queries
+from modelzoo.editors.fv import FvBake, bake_function_vector
+from modelzoo.registry import analyses, integrity, queries
 from modelzoo.registry import lineage as lineage_queries
 from modelzoo.registry.errors import BadInput, ZooError
 from modelzoo.registry.exporter import export_version
@@ -22,6 +24,7 @@ from modelzoo.registry.importer import import_path
 from modelzoo.registry.queries import ListFilter
 from modelzoo.registry.records import (
     AliasEvent,
+    AnalysisInfo,
     Diff,
     FindHit,
     GcReport,
@@ -142,6 +145,24 @@ class Zoo:
         child = apply_edit(self.registry, ref, method, request, name=name, device=device, progress=progress)
         self._index_like_parent(ref, child, device)
         return child
+
+    def analyze(self, ref: str, kind: str, request: Any, *, device: str = "cpu",
+                progress: AnalysisProgress | None = None) -> AnalysisInfo:
+        """Run an analysis plugin (lre, fv, ...) on `ref` and store its result with the version."""
+        return run_analysis(self.registry, ref, kind, request, device=device, progress=progress)
+
+    def analyses(self, ref: str, kind: str | None = None) -> list[AnalysisInfo]:
+        return analyses.list_analyses(self.registry, ref, kind)
+
+    def analysis(self, analysis_id: int) -> AnalysisInfo:
+        return analyses.get_analysis(self.registry, analysis_id)
+
+    def analysis_tensors(self, analysis_id: int) -> dict[str, torch.Tensor]:
+        return analyses.analysis_tensors(self.registry, analysis_id)
+
+    def apply_function_vector(self, ref: str, bake: FvBake, name: str | None = None) -> VersionInfo:
+        """Register a child of `ref` whose weights add a stored function vector (`zoo edit fv`)."""
+        return bake_function_vector(self.registry, ref, bake, name)
 
     def _index_like_parent(self, parent: str, child: VersionInfo, device: str) -> None:
         """An edit of an indexed version is indexed the same way, so search sees it at once. The edit is

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 import modelzoo
-from modelzoo.cli import compose, demo, evaluate, sample, search, serve
+from modelzoo.cli import analyze, compose, demo, evaluate, sample, search, serve
 from modelzoo.cli.edit import edit_app
 from modelzoo.cli.output import byte_progress, console, emit, errors, human_bytes, route_library_output, table
 from modelzoo.registry.errors import BadInput, NotFound, ZooError
@@ -183,7 +183,7 @@ def _render_version(i: VersionInfo) -> None:
         ["tensors", i.tensor_count], ["size", human_bytes(i.logical_bytes)],
         ["added to store", human_bytes(i.added_bytes)],
         ["tags", ", ".join(f"{k}={v}" for k, v in i.tags.items())], ["aliases", ", ".join(i.aliases)],
-        ["source", i.source.get("path", "")],
+        ["source", i.source.get("path", "")], ["analyses", i.analyses],
     ]
     table(None, ["field", "value"], rows)
 
@@ -241,8 +241,8 @@ def _render_verify(report: VerifyReport) -> None:
         console.print(f"ok: {report.blobs_checked} blobs ({human_bytes(report.bytes_checked)}) match their hashes")
         return
     for d in report.damaged:
-        users = d.versions + [f"editor cache {kind} (recomputed on next use; `zoo gc --drop-derived` drops it)"
-                              for kind in d.derived]
+        users = d.versions + d.analyses + [
+            f"editor cache {kind} (recomputed on next use; `zoo gc --drop-derived` drops it)" for kind in d.derived]
         errors.print(f"damaged blob {d.sha256} ({d.problem}); used by {', '.join(users) or 'nothing'}")
 
 
@@ -267,7 +267,8 @@ def gc(
     report = State.zoo().gc(purge_deleted=purge, grace_s=grace, drop_derived=drop_derived)
     emit(report, as_json, lambda r: console.print(
         f"removed {r.blobs_removed} blobs ({human_bytes(r.bytes_freed)}), {r.stray_files_removed} stray files, "
-        f"purged {r.versions_purged} deleted versions, dropped {r.derived_dropped} derived tensors"
+        f"purged {r.versions_purged} deleted versions and {r.analyses_dropped} of their analyses, "
+        f"dropped {r.derived_dropped} derived tensors"
     ))
 
 
@@ -317,6 +318,7 @@ compose.register(app)
 evaluate.register(app)
 search.register(app)
 serve.register(app)
+analyze.register(app)
 
 
 def run(argv: list[str] | None = None) -> Any:

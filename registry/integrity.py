@@ -1,4 +1,5 @@
-"""`verify` (recompute every blob's hash) and `gc` (remove what no version or derived tensor references)."""
+"""`verify` (recompute every blob's hash) and `gc` (remove what no version, analysis or derived tensor
+references)."""
 
 from __future__ import annotations
 
@@ -6,31 +7,47 @@ from typing import Any
 
 from sqlalchemy import delete, select, text, update
 
+from modelzoo.registry.analyses import analyses_using
 from modelzoo.registry.blobs import FACTORED, TEMP_PREFIX, blob_key
 from modelzoo.registry.errors import Corrupted
 from modelzoo.registry.factors import made_from, with_parts
 from modelzoo.registry.paths import shown
 from modelzoo.registry.records import DamagedBlob, GcReport, VerifyReport
 from modelzoo.registry.refs import resolve
-from modelzoo.registry.schema import Blob, BlobFactors, DerivedTensor, Embedding, ManifestEntry, Model, Version
+from modelzoo.registry.schema import (
+    Analysis,
+    AnalysisTensor,
+    Blob,
+    BlobFactors,
+    DerivedTensor,
+    Embedding,
+    ManifestEntry,
+    Model,
+    Version,
+)
 from modelzoo.registry.store import GC_LOCK_KEY, Registry
 
 DEFAULT_GRACE_S = 3600.0
 
 
 def _referenced() -> Any:
-    """The blobs something keeps: a version's manifest or a derived tensor, and the blobs that the
-    factored tensors among them are made of."""
-    return with_parts(select(ManifestEntry.blob_sha256).union(select(DerivedTensor.blob_sha256)))
+    """The blobs something keeps: a version's manifest, an analysis or a derived tensor, and the blobs
+    that the factored tensors among them are made of."""
+    return with_parts(select(ManifestEntry.blob_sha256).union(select(DerivedTensor.blob_sha256),
+                                                              select(AnalysisTensor.blob_sha256)))
 
 
 def verify(registry: Registry, ref: str | None = None) -> VerifyReport:
-    """Check the blobs of one version (or of every version and derived tensor) and name each version a
-    damaged blob affects. A damaged derived tensor is harmless (it is recomputed when next needed)."""
+    """Check the blobs of one version and its analyses (or of every version, analysis and derived tensor)
+    and name each version or analysis a damaged blob affects. A damaged derived tensor is harmless (it is
+    recomputed when next needed)."""
     with registry.db.read() as session:
         if ref is not None:
             version_id = resolve(session, ref, include_deleted=True).id
-            used: Any = with_parts(select(ManifestEntry.blob_sha256).where(ManifestEntry.version_id == version_id))
+            used: Any = with_parts(select(ManifestEntry.blob_sha256).where(ManifestEntry.version_id == version_id)
+                                   .union(select(AnalysisTensor.blob_sha256)
+                                          .join(Analysis, Analysis.id == AnalysisTensor.analysis_id)
+                                          .where(Analysis.version_id == version_id)))
         else:
             used = _referenced()
         blobs = session.scalars(select(Blob).where(Blob.sha256.in_(used)).order_by(Blob.sha256)).all()
@@ -39,7 +56,7 @@ def verify(registry: Registry, ref: str | None = None) -> VerifyReport:
         problem = _misplaced(blob) or _content_problem(registry, blob)
         if problem is not None:
             damaged.append(DamagedBlob(blob.sha256, problem, versions_using(registry, blob.sha256),
-                                       derived_using(registry, blob.sha256)))
+                                       derived_using(registry, blob.sha256), analyses_using(registry, blob.sha256)))
     return VerifyReport(len(blobs), sum(b.nbytes for b in blobs if b.kind != FACTORED), damaged)
 
 
@@ -90,13 +107,14 @@ def gc(registry: Registry, purge_deleted: bool = False, grace_s: float = DEFAULT
     """Remove unreferenced blobs, and files no blob row knows that are older than `grace_s`.
 
     Derived tensors (editor caches) are kept unless `drop_derived`, or, with `purge_deleted`, once every
-    version they were computed from is purged; dropped, they are recomputed on next use.
+    version they were computed from is purged; dropped, they are recomputed on next use. Analyses are
+    results and stay until their version is purged.
 
     Files are deleted inside the write transaction, so a commit (which re-checks its blobs inside its own
     transaction) never references a file that gc removed. The grace period protects blobs that an import
     in progress has written but not yet committed.
     """
-    purged = 0
+    purged = analyses_dropped = 0
     with registry.db.write() as session:
         if not registry.db.is_sqlite:
             session.execute(text(f"SELECT pg_advisory_xact_lock({GC_LOCK_KEY})"))
@@ -104,6 +122,9 @@ def gc(registry: Registry, purge_deleted: bool = False, grace_s: float = DEFAULT
             deleted = select(Version.id).where(Version.status == "deleted")
             session.execute(delete(ManifestEntry).where(ManifestEntry.version_id.in_(deleted)))
             session.execute(delete(Embedding).where(Embedding.version_id.in_(deleted)))
+            of_deleted = select(Analysis.id).where(Analysis.version_id.in_(deleted))
+            session.execute(delete(AnalysisTensor).where(AnalysisTensor.analysis_id.in_(of_deleted)))
+            analyses_dropped = session.execute(delete(Analysis).where(Analysis.version_id.in_(deleted))).rowcount
             purge = update(Version).where(Version.status == "deleted").values(status="purged")
             purged = session.execute(purge).rowcount
         if drop_derived:
@@ -126,7 +147,8 @@ def gc(registry: Registry, purge_deleted: bool = False, grace_s: float = DEFAULT
             if key not in known or key.rsplit("/", 1)[-1].startswith(TEMP_PREFIX)
         ]
         registry.blobs.delete(stray)
-    return GcReport(len(orphans), sum(n for _, kind, n in orphans if kind != FACTORED), len(stray), purged, dropped)
+    return GcReport(len(orphans), sum(n for _, kind, n in orphans if kind != FACTORED), len(stray), purged, dropped,
+                    analyses_dropped)
 
 
 def _key_or_none(sha256: str, kind: str) -> str | None:

@@ -45,6 +45,7 @@ class VersionInfo:
     tags: dict[str, str]
     aliases: list[str]
     config: dict[str, Any]
+    analyses: int = 0  # stored analyses of this version (`zoo analyses REF` lists them)
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ class DamagedBlob:
     problem: str
     versions: list[str]
     derived: list[str]  # kinds of editor caches (derived tensors) that hold it
+    analyses: list[str] = field(default_factory=list)  # stored analyses that hold it
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,23 @@ class GcReport:
     stray_files_removed: int
     versions_purged: int
     derived_dropped: int
+    analyses_dropped: int = 0  # analyses of the purged versions
+
+
+@dataclass(frozen=True)
+class AnalysisInfo:
+    """A stored analysis of a version; `tensors` names its stored tensors."""
+
+    id: int
+    kind: str
+    ref: str
+    created_at: datetime
+    params: dict[str, Any]
+    metrics: dict[str, Any]
+    input_hash: str
+    package_version: str
+    duration_s: float
+    tensors: list[str]
 
 
 @dataclass(frozen=True)

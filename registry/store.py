@@ -35,6 +35,7 @@ from modelzoo.registry.refs import check_alias_name, check_model_name, check_tag
 from modelzoo.registry.safetensors_io import dtype_name, tensor_bytes
 from modelzoo.registry.schema import (
     Alias,
+    Analysis,
     AuditEvent,
     Blob,
     BlobFactors,
@@ -348,9 +349,11 @@ class Registry:
         source: Mapping[str, Any] | None = None,
         source_files: Mapping[str, tuple[str, int]] | None = None,
         tags: Mapping[str, str] | None = None,
+        files: Mapping[str, bytes] | None = None,
         description: str = "",
     ) -> VersionInfo:
-        """The one way to derive a version: the parent's manifest with `changed` tensors replaced or added.
+        """The one way to derive a version: the parent's manifest with `changed` tensors (and `files`, such
+        as a config.json an edit must change) replaced or added.
 
         A `LowRank` change of a parent's tensor is stored as factors over it where the policy of
         `registry/factors.py` allows, else merged and stored dense; readers see the merged tensor either way.
@@ -373,6 +376,7 @@ class Registry:
             staged = self.stage_tensors(dense, allow_nonfinite=allow_nonfinite)
             try:
                 staged.update(self.stage_low_rank(entries, low_rank, allow_nonfinite))
+                staged.update(self.stage_files(files or {}))
             except BaseException:
                 self.discard(staged)
                 raise
@@ -521,6 +525,7 @@ class Registry:
         count = session.scalar(
             select(func.count()).where(ManifestEntry.version_id == v.id, ManifestEntry.kind == "tensor")
         )
+        analyses = session.scalar(select(func.count()).where(Analysis.version_id == v.id))
         return VersionInfo(
             id=v.id,
             ref=ref_of(v),
@@ -543,6 +548,7 @@ class Registry:
             tags=tags,
             aliases=sorted(aliases),
             config=v.config,
+            analyses=analyses or 0,
         )
 
     def versions(self, model: str) -> list[VersionInfo]:

@@ -1,0 +1,63 @@
+"""The function-vector tasks shipped in analyses/tasks/, generated offline.
+
+- country -> capital, language, currency and continent, from the real fact set's countries
+  (`demo/real_facts.py` COUNTRIES);
+- antonyms, written here;
+- capitalise a word, its first letter, its last letter, over the antonym list's words (the word-list
+  packages the task names, wordfreq and inflect, are not installed here; singular -> plural is left out
+  for the same reason).
+
+    python -m modelzoo.demo.fv_tasks          # rewrites analyses/tasks/*.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from modelzoo.demo.real_facts import COUNTRIES
+
+ANTONYMS = (
+    ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("light", "dark"), ("up", "down"),
+    ("open", "closed"), ("good", "bad"), ("rich", "poor"), ("young", "old"), ("strong", "weak"),
+    ("hard", "soft"), ("early", "late"), ("high", "low"), ("long", "short"), ("wet", "dry"), ("full", "empty"),
+    ("loud", "quiet"), ("thick", "thin"), ("heavy", "light"), ("clean", "dirty"), ("true", "false"),
+    ("win", "lose"), ("buy", "sell"), ("push", "pull"), ("give", "take"), ("love", "hate"), ("left", "right"),
+    ("inside", "outside"), ("above", "below"), ("before", "after"), ("start", "finish"), ("near", "far"),
+    ("safe", "dangerous"), ("cheap", "expensive"), ("easy", "difficult"), ("first", "last"), ("male", "female"),
+    ("alive", "dead"), ("day", "night"), ("north", "south"), ("east", "west"), ("friend", "enemy"),
+    ("question", "answer"), ("smooth", "rough"), ("sweet", "sour"), ("wide", "narrow"), ("deep", "shallow"),
+    ("brave", "afraid"), ("polite", "rude"), ("tall", "short"), ("always", "never"), ("accept", "refuse"),
+    ("arrive", "leave"), ("remember", "forget"), ("increase", "decrease"), ("include", "exclude"),
+    ("maximum", "minimum"), ("positive", "negative"), ("public", "private"), ("inner", "outer"),
+    ("major", "minor"), ("ancient", "modern"), ("cruel", "kind"), ("guilty", "innocent"), ("noisy", "silent"),
+    ("sharp", "dull"), ("tight", "loose"), ("wild", "tame"), ("simple", "complex"),
+)
+TASKS_DIR = Path(__file__).resolve().parent.parent / "analyses" / "tasks"
+
+
+def tasks() -> dict[str, list[tuple[str, str]]]:
+    words = sorted({w for pair in ANTONYMS for w in pair})
+    return {
+        "capital": [(c[0], c[1]) for c in COUNTRIES],
+        "language": [(c[0], c[2]) for c in COUNTRIES],
+        "currency": [(c[0], c[3]) for c in COUNTRIES],
+        "continent": [(c[0], c[4]) for c in COUNTRIES],
+        "antonym": list(ANTONYMS),
+        "capitalize": [(w, w.capitalize()) for w in words],
+        "first_letter": [(w, w[0]) for w in words],
+        "last_letter": [(w, w[-1]) for w in words],
+    }
+
+
+def main() -> None:
+    TASKS_DIR.mkdir(exist_ok=True)
+    for name, pairs in tasks().items():
+        random.Random(0).shuffle(pairs)  # an analysis tests on the last pairs: not all obscure countries
+        lines = [json.dumps({"input": x, "output": y}) for x, y in pairs]
+        (TASKS_DIR / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
