@@ -179,6 +179,11 @@ def _top1(parts: LmParts, z: Tensor) -> int:
 
 
 @torch.no_grad()
+def _log_p(parts: LmParts, z: Tensor, token: int) -> float:
+    return float(parts.decode(z.to(parts.lm.dtype)).float().log_softmax(-1)[token])
+
+
+@torch.no_grad()
 def _edited_answer(parts: LmParts, enc: Encoded, layer: int, delta: Tensor) -> int:
     """The LM's top-1 answer with `delta` added to the residual after `layer` at the subject."""
     pre = prefix(parts, enc.ids, enc.subject_at)
@@ -260,24 +265,27 @@ class LreAnalyzer:
                 jac[layer].append(jacobian(parts, enc.ids, enc.subject_at, layer)[0])
                 done += 1
 
-        # beta and layer: leave-one-out faithfulness on the training facts
+        # beta and layer: leave-one-out faithfulness on the training facts; a few training facts often
+        # tie at 1.0, so ties go to the higher mean log-probability of the LM's answer
         sweep: dict[str, dict[str, float]] = {}
-        best = (-1.0, layers[0], request.betas[0])
+        best = (-1.0, -float("inf"), layers[0], request.betas[0])
         for layer in layers:
             Js = torch.stack(jac[layer])
             bs = torch.stack([e.z - J @ e.h[layer] for e, J in zip(train, jac[layer], strict=True)])
             sweep[str(layer)] = {}
             for beta in request.betas:
-                hits = 0
+                hits, log_p = 0, 0.0
                 for i, enc in enumerate(train):
                     W_i = (Js.sum(0) - Js[i]) / (len(train) - 1)
                     b_i = (bs.sum(0) - bs[i]) / (len(train) - 1)
-                    hits += _top1(parts, beta * W_i @ enc.h[layer] + b_i) == enc.answer
+                    z = beta * W_i @ enc.h[layer] + b_i
+                    hits += _top1(parts, z) == enc.answer
+                    log_p += _log_p(parts, z, enc.answer) / len(train)
                 score = hits / len(train)
                 sweep[str(layer)][str(beta)] = score
-                if score > best[0]:
-                    best = (score, layer, beta)
-        _, layer, beta = best
+                if (score, log_p) > best[:2]:
+                    best = (score, log_p, layer, beta)
+        _, _, layer, beta = best
         W = torch.stack(jac[layer]).mean(0)
         b = torch.stack([e.z - W @ e.h[layer] for e in train]).mean(0)
 

@@ -1,0 +1,134 @@
+"""LRE and function vectors on SmolLM2-135M (the GGUF the tests use), one JSON line per relation or task.
+
+    OMP_NUM_THREADS=1 python benchmarks/analyses.py lre --seed 0
+    OMP_NUM_THREADS=1 python benchmarks/analyses.py fv --seed 0 --tasks capital antonym
+    OMP_NUM_THREADS=1 python benchmarks/analyses.py bake --home H --tasks capital antonym   # after fv --home H
+    OMP_NUM_THREADS=1 python benchmarks/analyses.py icl --tasks capital language ...  # 10-shot accuracy
+
+LRE: the four relations of demo/real_facts.jsonl (rewrite prompts, true objects); the facts are shuffled
+by the seed, the first `--train` known ones fit W, b (layer and beta by leave-one-out faithfulness on
+them, rank by causality among them), and the rest grade. FV: the shipped tasks (analyses/tasks/), the
+last 30% of each held out for testing; the layer and head count are chosen on training queries. Bake:
+each task's vector as a child's MLP bias (`zoo edit fv`), scored on the task's zero-shot test prompts and
+on the neighbourhood prompts of demo/real_facts.jsonl (what adding it at every position costs), then
+`zoo compose` of the first two children.
+
+Measured here (filled in from the runs' output; see the README's analyses section).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import modelzoo
+from modelzoo.analyses.fv import FvRequest, Trial, answer_scores, prompt, read_pairs, task_path
+from modelzoo.analyses.lm import lm_parts
+from modelzoo.analyses.lre import LreRequest, fact_from_json
+from modelzoo.demo.real_facts import DEFAULT_FILE, load
+from modelzoo.editors.fv import FvBake
+from modelzoo.registry.analyses import data_hash
+from modelzoo.registry.errors import BadInput
+from modelzoo.registry.families.gguf import smollm2_gguf_path
+
+RELATIONS = ("capital", "language", "currency", "continent")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("part", choices=["lre", "fv", "bake", "icl"])
+    parser.add_argument("--home", type=Path, default=None, help="a registry to reuse (bake: the fv run's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--relations", nargs="*", default=list(RELATIONS))
+    parser.add_argument("--tasks", nargs="*", default=["capital", "antonym", "capitalize", "first_letter"])
+    parser.add_argument("--layers", type=int, nargs="*", default=None)
+    parser.add_argument("--head-counts", type=int, nargs="*", default=[5, 10, 20])
+    parser.add_argument("--train", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    home = args.home or Path(tempfile.mkdtemp(prefix="zoo-analyses-"))
+    zoo = modelzoo.open(home)
+    print(json.dumps({"home": str(home)}), flush=True)
+    if args.part == "bake":
+        bake(zoo, args.tasks)
+        return
+    ref = zoo.import_(smollm2_gguf_path(Path(tempfile.gettempdir()) / "modelzoo-smollm2"), "smol").ref
+    if args.part == "icl":
+        icl(zoo, ref, args.tasks, args.seed)
+    elif args.part == "lre":
+        facts = [fact_from_json(row, "real_facts") for row in load(DEFAULT_FILE)]
+        random.Random(args.seed).shuffle(facts)
+        for relation in args.relations:
+            request = LreRequest(facts=tuple(facts), relation=relation, train=args.train,
+                                 layers=tuple(args.layers) if args.layers else None)
+            started = time.perf_counter()
+            info = zoo.analyze(ref, "lre", request)
+            print(json.dumps({"seed": args.seed, "seconds": round(time.perf_counter() - started),
+                              "id": info.id, **info.metrics}), flush=True)
+    else:
+        layers = tuple(args.layers) if args.layers else (3, 5, 7, 9, 11, 13, 15, 18)
+        for task in args.tasks:
+            request = FvRequest(task=tuple(read_pairs(task_path(task))), layers=layers,
+                                head_counts=tuple(args.head_counts), seed=args.seed)
+            started = time.perf_counter()
+            info = zoo.analyze(ref, "fv", request)
+            print(json.dumps({"task": task, "seed": args.seed, "seconds": round(time.perf_counter() - started),
+                              "id": info.id, **info.metrics}), flush=True)
+
+
+def icl(zoo: modelzoo.Zoo, ref: str, tasks: list[str], seed: int) -> None:
+    """Each task's 10-shot accuracy on its held-out pairs (shots drawn from the rest): can the model do it?"""
+    parts = lm_parts(zoo.load(ref))
+    for task in tasks:
+        train, test = FvRequest(task=tuple(read_pairs(task_path(task)))).split()
+        rng = random.Random(seed)
+        trials = [Trial(parts.ids(prompt(rng.sample(train, 10), p.input)), parts.answer_token(p.output)) for p in test]
+        accuracy, p = answer_scores(parts, trials)
+        print(json.dumps({"task": task, "seed": seed, "icl_10_shot": accuracy, "p": p, "tested": len(test)}),
+              flush=True)
+
+
+def _neighbourhood(zoo: modelzoo.Zoo, ref: str) -> float:
+    """Top-1 accuracy on the first token of every neighbourhood prompt's own answer in the fact set."""
+    parts = lm_parts(zoo.load(ref))
+    seen = {(n["prompt"], n["target"]) for row in load(DEFAULT_FILE) for n in row["neighborhood_prompts"]}
+    trials = [Trial(parts.ids(p), parts.answer_token(t)) for p, t in sorted(seen)]
+    return answer_scores(parts, trials)[0]
+
+
+def bake(zoo: modelzoo.Zoo, tasks: list[str]) -> None:
+    ref = "smol@1"
+    by_hash = {a.input_hash: a for a in zoo.analyses(ref, "fv")}
+    children = []
+    base_neighbours = _neighbourhood(zoo, ref)
+    for task in tasks:
+        train, test = FvRequest(task=tuple(read_pairs(task_path(task)))).split()
+        analysis = by_hash[data_hash({"task": [p.__dict__ for p in train], "test": [p.__dict__ for p in test]})]
+        child = zoo.apply_function_vector(ref, FvBake(analysis.id), name=f"smol-fv-{task}")
+        children.append(child.ref)
+        parts = lm_parts(zoo.load(child.ref))
+        zero, zero_p = answer_scores(parts, [Trial(parts.ids(prompt([], p.input)), parts.answer_token(p.output))
+                                             for p in test])
+        print(json.dumps({"task": task, "analysis": analysis.id, "child": child.ref, "layer": analysis.metrics["layer"],
+                          "zero_shot_last_token": analysis.metrics["zero_shot"],
+                          "zero_shot_p_last_token": analysis.metrics["zero_shot_p"],
+                          "child_zero_shot": zero, "child_zero_shot_p": zero_p,
+                          "neighbourhood": {"base": base_neighbours, "child": _neighbourhood(zoo, child.ref)}}),
+              flush=True)
+    try:
+        composed = zoo.compose(children[:2], name="smol-fv-composed").ref
+        print(json.dumps({"compose": children[:2], "ref": composed}), flush=True)
+    except BadInput as error:
+        print(json.dumps({"compose": children[:2], "refused": str(error)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
