@@ -113,7 +113,9 @@ class Trial:
     answer: int
 
 
-class _Sampler:
+class Sampler:
+    """Draws the task's prompts: `shots` training pairs, optionally with shuffled labels, then a query."""
+
     def __init__(self, parts: LmParts, train: Sequence[Pair], shots: int, seed: int):
         self.parts, self.train, self.shots, self.rng = parts, list(train), shots, random.Random(seed)
 
@@ -126,6 +128,10 @@ class _Sampler:
             self.rng.shuffle(outputs)
             chosen = [Pair(p.input, o) for p, o in zip(chosen, outputs, strict=True)]
         return Trial(self.parts.ids(prompt(chosen, query.input)), self.parts.answer_token(query.output))
+
+
+def zero_shot_trials(parts: LmParts, pairs: Sequence[Pair]) -> list[Trial]:
+    return [Trial(parts.ids(prompt([], p.input)), parts.answer_token(p.output)) for p in pairs]
 
 
 @torch.no_grad()
@@ -236,16 +242,14 @@ class FvAnalyzer:
         counts = sorted(set(request.head_counts or [request.heads]))
         if any(not 0 <= layer < n for layer in layers) or any(k < 1 for k in counts):
             raise BadInput(f"layers must lie in 0..{n - 1} and head counts be at least 1")
-        sampler = _Sampler(parts, train, request.shots, request.seed)
+        sampler = Sampler(parts, train, request.shots, request.seed)
 
         report(progress, "mean head outputs", 0, 1)
         a, icl_train = mean_head_outputs(parts, [sampler.trial() for _ in range(request.mean_trials)])
         effect = indirect_effects(parts, a, [sampler.trial(shuffled=True) for _ in range(request.ie_trials)], progress)
         ranked = top_heads(effect, max(counts))
 
-        zero = lambda pairs: [Trial(parts.ids(prompt([], p.input)), parts.answer_token(p.output))  # noqa: E731
-                              for p in pairs]
-        select = zero(train[: request.select_queries])
+        select = zero_shot_trials(parts, train[: request.select_queries])
         curves: dict[str, dict[str, list[float]]] = {}
         best: tuple[float, float, int, int] | None = None
         for layer in layers:
@@ -262,7 +266,7 @@ class FvAnalyzer:
         v = function_vector(parts, a, heads)
 
         report(progress, "testing", 0, 1)
-        zero_test = zero(test)
+        zero_test = zero_shot_trials(parts, test)
         shuffled = [sampler.trial(query=p, shuffled=True) for p in test]
         icl, _ = answer_scores(parts, [sampler.trial(query=p) for p in test])
         base_zero, base_p = answer_scores(parts, zero_test)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import modelzoo
-from modelzoo.analyses.fv import FvRequest, Trial, answer_scores, prompt, read_pairs, task_path
+from modelzoo.analyses.fv import FvRequest, Trial, answer_scores, prompt, read_pairs, task_path, zero_shot_trials
 from modelzoo.analyses.lm import lm_parts
 from modelzoo.analyses.lre import LreRequest, fact_from_json
 from modelzoo.demo.real_facts import DEFAULT_FILE, load
@@ -115,8 +115,7 @@ def bake(zoo: modelzoo.Zoo, tasks: list[str]) -> None:
         child = zoo.apply_function_vector(ref, FvBake(analysis.id), name=f"smol-fv-{task}")
         children.append(child.ref)
         parts = lm_parts(zoo.load(child.ref))
-        zero, zero_p = answer_scores(parts, [Trial(parts.ids(prompt([], p.input)), parts.answer_token(p.output))
-                                             for p in test])
+        zero, zero_p = answer_scores(parts, zero_shot_trials(parts, test))
         print(json.dumps({"task": task, "analysis": analysis.id, "child": child.ref, "layer": analysis.metrics["layer"],
                           "zero_shot_last_token": analysis.metrics["zero_shot"],
                           "zero_shot_p_last_token": analysis.metrics["zero_shot_p"],

@@ -144,7 +144,7 @@ def test_patching_a_head_mean_changes_exactly_that_slice(arch):
 def test_indirect_effects_with_the_cache_equal_full_passes():
     parts = _parts("llama")
     pairs = [fv.Pair(s, o) for s, o in FACTS]
-    sampler = fv._Sampler(parts, pairs, 3, seed=1)
+    sampler = fv.Sampler(parts, pairs, 3, seed=1)
     trials = [sampler.trial(shuffled=True) for _ in range(2)]
     a, _ = fv.mean_head_outputs(parts, [sampler.trial() for _ in range(3)])
     effect = fv.indirect_effects(parts, a, trials)
@@ -167,7 +167,7 @@ def test_a_planted_head_tops_the_ranking_and_its_vector_gives_the_answer(arch):
     raise P(answer) most, and its function vector, added at the last layer, must make the answer top-1."""
     parts = _parts(arch)
     pairs = [fv.Pair(s, "cat") for s, _ in FACTS]
-    sampler = fv._Sampler(parts, pairs, 3, seed=0)
+    sampler = fv.Sampler(parts, pairs, 3, seed=0)
     a, _ = fv.mean_head_outputs(parts, [sampler.trial() for _ in range(3)])
     answer = parts.answer_token("cat")
     u = parts.lm.get_output_embeddings().weight[answer].detach()
@@ -177,7 +177,7 @@ def test_a_planted_head_tops_the_ranking_and_its_vector_gives_the_answer(arch):
     effect = fv.indirect_effects(parts, a, [sampler.trial(shuffled=True) for _ in range(2)])
     assert fv.top_heads(effect, 3)[0] == (2, 1)
     v = fv.function_vector(parts, a, [(2, 1)])
-    zero = [fv.Trial(parts.ids(fv.prompt([], p.input)), answer) for p in pairs]
+    zero = fv.zero_shot_trials(parts, pairs)
     base, base_p = fv.answer_scores(parts, zero)
     acc, p = fv.answer_scores(parts, zero, 2, v)
     assert base < 0.5 and acc == 1.0 and p > base_p
