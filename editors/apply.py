@@ -52,14 +52,15 @@ def apply_edit(
     started = time.perf_counter()
     result = editor.edit(model, request, progress)
     duration = time.perf_counter() - started
-    outside = sorted(set(result.changed) - set(family.editable_tensors(model)))
+    changes = {**result.changed, **result.factors}
+    outside = sorted(set(changes) - set(family.editable_tensors(model)))
     if outside:  # a plugin's bug must not become a version that, say, rewrote the tokenizer's embeddings
         raise BadInput(f"{method} changed tensors that {info.family} models do not let editors change "
                        f"({', '.join(outside[:3])}); nothing registered")
     params = {"request": _request_json(request), **result.params}
     metrics = {**result.metrics, "edit_seconds": round(duration, 3)}
     child = registry.commit(
-        info.ref, result.changed, method, params, metrics, name=name, relation="edit", duration_s=duration
+        info.ref, changes, method, params, metrics, name=name, relation="edit", duration_s=duration
     )
     for value in result.derived:
         derived.put(value.kind, value.key, value.tensor, value.meta, depends_on=child.manifest_hash)

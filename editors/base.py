@@ -17,6 +17,7 @@ import torch
 
 from modelzoo.registry.derived import DerivedTensors, DerivedValue
 from modelzoo.registry.errors import BadInput
+from modelzoo.registry.factors import LowRank
 from modelzoo.registry.families.base import LoadedModel
 from modelzoo.registry.records import VersionInfo
 
@@ -35,6 +36,9 @@ class EditResult:
     params: dict[str, Any]
     metrics: dict[str, Any] = field(default_factory=dict)
     derived: list[DerivedValue] = field(default_factory=list)
+    # The low-rank form of changes (scale * B @ A over the parent's stored tensor), for those that have
+    # one: the registry stores these as factors in place of the dense values in `changed`.
+    factors: dict[str, LowRank] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

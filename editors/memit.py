@@ -52,6 +52,7 @@ from modelzoo.editors.lm_requests import (
 from modelzoo.editors.memit_stats import LayerStats, second_moments
 from modelzoo.registry.derived import DerivedTensors, DerivedValue
 from modelzoo.registry.errors import BadInput
+from modelzoo.registry.factors import LowRank, merge
 from modelzoo.registry.families.base import LoadedModel
 from modelzoo.registry.tracing import trace
 
@@ -392,14 +393,21 @@ def _at_subjects(lm: nn.Module, tokenizer: Any, name: str, seqs: Sequence[Tokens
     return torch.cat(out)
 
 
-def memit_delta(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor:
-    """Delta = R K^T (lam C + K K^T)^-1 (MEMIT eq. 14), in float64.
+def memit_factors(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Delta = R K^T (lam C + K K^T)^-1 (MEMIT eq. 14) as its factors (R, [(lam C + K K^T)^-1 K]^T): the
+    symmetric solve's transpose is K^T (lam C + K K^T)^-1, so Delta has rank at most n. In float64.
 
-    K: (key_dim, n) keys, R: (hidden, n) residuals, C: (key_dim, key_dim). Returns (hidden, key_dim), the
+    K: (key_dim, n) keys, R: (hidden, n) residuals, C: (key_dim, key_dim). Delta, (hidden, key_dim), is the
     minimiser of ||(W + Delta) K - (W K + R)||^2 + lam tr(Delta C Delta^T)."""
     K, R, C = K.double(), R.double(), C.double()
     adj = torch.linalg.solve(lam * C + K @ K.T, K)  # (key_dim, n) = (lam C + K K^T)^-1 K
-    return R @ adj.T
+    return R, adj.T
+
+
+def memit_delta(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor:
+    """Delta = R K^T (lam C + K K^T)^-1 (MEMIT eq. 14), (hidden, key_dim), in float64."""
+    B, A = memit_factors(K, R, C, lam)
+    return B @ A
 
 
 def null_space_projector(C: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
@@ -410,12 +418,20 @@ def null_space_projector(C: torch.Tensor, threshold: float) -> tuple[torch.Tenso
     return U0 @ U0.T, int(U0.shape[1])
 
 
-def alphaedit_delta(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, C_prev: torch.Tensor,
-                    l2: float) -> torch.Tensor:
-    """Delta = [(P (K K^T + C_prev) + l2 I)^-1 P K R^T]^T (AlphaEdit eq. 8 as in its code), (hidden, key_dim)."""
+def alphaedit_factors(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, C_prev: torch.Tensor,
+                      l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Delta = [(P (K K^T + C_prev) + l2 I)^-1 P K R^T]^T (AlphaEdit eq. 8 as in its code) as its factors
+    (R, [(P (K K^T + C_prev) + l2 I)^-1 P K]^T): rank at most n. In float64."""
     K, R, P, C_prev = K.double(), R.double(), P.double(), C_prev.double()
     eye = torch.eye(K.shape[0], dtype=torch.float64)
-    return torch.linalg.solve(P @ (K @ K.T + C_prev) + l2 * eye, P @ K @ R.T).T
+    return R, torch.linalg.solve(P @ (K @ K.T + C_prev) + l2 * eye, P @ K).T
+
+
+def alphaedit_delta(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, C_prev: torch.Tensor,
+                    l2: float) -> torch.Tensor:
+    """AlphaEdit's Delta, (hidden, key_dim), in float64."""
+    B, A = alphaedit_factors(K, R, P, C_prev, l2)
+    return B @ A
 
 
 PREV_KIND = "alphaedit-prev"
@@ -499,14 +515,16 @@ def statistics(prep: Prepared, progress: EditProgress | None = None) -> dict[str
 
 def update_layers(prep: Prepared, method: str, z_delta: torch.Tensor, templates: Sequence[str],
                   stats: dict[str, LayerStats], progress: EditProgress | None = None,
-                  ) -> tuple[dict[str, dict[str, Any]], list[DerivedValue]]:
+                  ) -> tuple[dict[str, dict[str, Any]], list[DerivedValue], dict[str, LowRank]]:
     """MEMIT's (or AlphaEdit's) closed-form update of each edited layer in turn, written into the model.
-    Returns figures per layer and, for AlphaEdit, the accumulated keys of each new weight to keep.
+    Returns figures per layer, for AlphaEdit the accumulated keys of each new weight to keep, and each
+    weight's change as factors (rank at most the number of edits) for the registry to store.
 
     z = h + delta with h read in float32 from the unedited model (delta came from a bfloat16 pass)."""
     lm, tokenizer, layout, hp, requests = prep.lm, prep.tokenizer, prep.layout, prep.hp, prep.requests
     per_layer = {}
     derived: list[DerivedValue] = []
+    changes: dict[str, LowRank] = {}
     Z = torch.empty(0)
     for i, layer in enumerate(hp.layers):
         K = keys_at(lm, tokenizer, layout, layer, requests, templates).T  # (key_dim, n)
@@ -519,12 +537,15 @@ def update_layers(prep: Prepared, method: str, z_delta: torch.Tensor, templates:
         if method == "alphaedit":
             P, null_dim = null_space_projector(C, hp.nullspace_threshold)
             C_prev = _load_prev(prep.cache, weight, layout.key_dim)
-            delta = alphaedit_delta(K, R, P, C_prev, hp.l2)
+            B, A = alphaedit_factors(K, R, P, C_prev, hp.l2)
         else:
-            delta = memit_delta(K, R, C, hp.lam)
+            B, A = memit_factors(K, R, C, hp.lam)
             null_dim = None
-        with torch.no_grad():
-            weight += (delta.T if layout.weight_is_input_major else delta).to(weight.dtype)
+        delta = B @ A
+        change = _stored_change(B, A, weight, layout.weight_is_input_major)
+        changes[layout.weight_name(layer)] = change
+        with torch.no_grad():  # the very value the registry stores, so AlphaEdit's key by weight hash holds
+            weight.copy_(merge(weight.detach().cpu(), change))
         if method == "alphaedit":
             # AlphaEdit's cache_c: later edits of this weight keep these keys' outputs in place too
             derived.append(_prev_value(weight, C_prev + K.double() @ K.double().T, K.shape[1]))
@@ -536,7 +557,14 @@ def update_layers(prep: Prepared, method: str, z_delta: torch.Tensor, templates:
         }
         if progress is not None:
             progress(i + 1, len(hp.layers), {"layer": float(layer)})
-    return per_layer, derived
+    return per_layer, derived, changes
+
+
+def _stored_change(B: torch.Tensor, A: torch.Tensor, weight: torch.Tensor, input_major: bool) -> LowRank:
+    """Delta = B @ A (hidden, key_dim) in the weight's own layout, as float32 (float64) factors on the CPU."""
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    B, A = (A.T, B.T) if input_major else (B, A)
+    return LowRank(B.to("cpu", dtype).contiguous(), A.to("cpu", dtype).contiguous())
 
 
 def run_memit(model: LoadedModel, request: MemitRequest, method: str = "memit",
@@ -556,7 +584,7 @@ def run_memit(model: LoadedModel, request: MemitRequest, method: str = "memit",
     timings.z_s = z.seconds
 
     started = time.perf_counter()
-    per_layer, derived = update_layers(prep, method, z.delta, templates, stats, progress)
+    per_layer, derived, changes = update_layers(prep, method, z.delta, templates, stats, progress)
     timings.solve_s = time.perf_counter() - started
 
     params = {
@@ -579,7 +607,7 @@ def run_memit(model: LoadedModel, request: MemitRequest, method: str = "memit",
         "z_loss_mean": round(sum(z.losses) / len(z.losses), 4),
         "layers": per_layer,
     }
-    return EditResult(changed={}, params=params, metrics=metrics, derived=derived)
+    return EditResult(changed={}, params=params, metrics=metrics, derived=derived, factors=changes)
 
 
 def edited_tensors(model: LoadedModel, request: Any) -> list[str]:

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from modelzoo.registry.blobs import FACTORED, BlobStore, Factors, LocalDirectoryBackend, StoredBlob, tensor_digest
 from modelzoo.registry.db import Database
-from modelzoo.registry.errors import BadInput, NotFound
+from modelzoo.registry.errors import BadInput, Corrupted, NotFound
 from modelzoo.registry.factors import FactorRow, LowRank, factor_rows, merge, worth_factoring
 from modelzoo.registry.records import AliasEvent, ParentInfo, VersionInfo
 from modelzoo.registry.refs import check_alias_name, check_model_name, check_tag, ref_of, resolve
@@ -425,7 +425,7 @@ class Registry:
                 base = bases[name]
                 assert base is not None and base.shape is not None and base.dtype is not None
                 change.check(base.shape, f"tensor {name!r}")
-                merged = merge(self._materialize(base.sha256, rows, verify=True), change, in_place=True)
+                merged = merge(self._materialize(base.sha256, rows, verify=True), change)
                 if not allow_nonfinite and not all(map(is_finite, (change.B, change.A, merged))):
                     raise BadInput(f"the change of tensor {name!r} holds NaN or Inf values")
                 depth = rows[base.sha256].depth if base.sha256 in rows else 0
@@ -443,13 +443,21 @@ class Registry:
         return staged
 
     def _materialize(self, sha256: str, rows: Mapping[str, FactorRow], verify: bool) -> torch.Tensor:
-        """A tensor blob's value: a fresh map of a dense blob, or a factored one merged onto its base (in
-        place: the base is a fresh copy-on-write map or merge of its own)."""
+        """A tensor blob's value: a map of a dense blob, or a factored one merged onto its base."""
         row = rows.get(sha256)
         if row is None:
             return self.blobs.get_tensor(sha256, verify=verify)
-        B, A = (self.blobs.get_tensor(sha, verify=verify) for sha in (row.b, row.a))
-        return merge(self._materialize(row.base, rows, verify), LowRank(B, A, row.scale), in_place=True)
+        change = LowRank(*(self.blobs.get_tensor(sha, verify=verify) for sha in (row.b, row.a)), row.scale)
+        if row.base in rows or not verify:
+            return merge(self._materialize(row.base, rows, verify), change)
+        # A dense base's hash is checked on a second thread while the merge reads it: both stream the
+        # same bytes, so the merge costs little more time than the check alone.
+        with ThreadPoolExecutor(max_workers=1) as checker:
+            problem = checker.submit(self.blobs.check, row.base, "tensor")
+            merged = merge(self.blobs.get_tensor(row.base, verify=False), change)
+            if problem.result() is not None:
+                raise Corrupted(f"blob {row.base[:12]} is damaged ({problem.result()}); run `zoo verify`")
+        return merged
 
     def tensor_by_sha(self, sha256: str, verify: bool = True) -> torch.Tensor:
         """One tensor blob's value, merged if it is factored."""
