@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, fields, is_dataclass, replace
 from typing import Any
 
 from modelzoo.editors.base import EditContext, EditProgress, get_editor
+from modelzoo.editors.requests import request_json, validated
 from modelzoo.registry.derived import DerivedTensors
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.families.base import get_family
 from modelzoo.registry.records import VersionInfo
 from modelzoo.registry.store import Registry
-
-
-def _request_json(request: Any) -> Any:
-    """The request as provenance JSON; fields marked `metadata={"provenance": False}` are runtime handles
-    (a cache, a device), not settings, and are left out."""
-    if not is_dataclass(request) or isinstance(request, type):
-        return request
-    handles = [f.name for f in fields(request) if not f.metadata.get("provenance", True)]
-    settings = asdict(replace(request, **dict.fromkeys(handles)) if handles else request)
-    return {k: v for k, v in settings.items() if k not in handles}
 
 
 def apply_edit(
@@ -40,6 +30,7 @@ def apply_edit(
     raises KeyboardInterrupt before anything is committed, so it registers nothing.
     """
     editor = get_editor(method)
+    request = validated(request)
     info = registry.info(ref)
     if info.family not in editor.families:
         raise BadInput(f"{info.ref} is a {info.family} model; {method} edits {' or '.join(editor.families)} models")
@@ -57,7 +48,7 @@ def apply_edit(
     if outside:  # a plugin's bug must not become a version that, say, rewrote the tokenizer's embeddings
         raise BadInput(f"{method} changed tensors that {info.family} models do not let editors change "
                        f"({', '.join(outside[:3])}); nothing registered")
-    params = {"request": _request_json(request), **result.params}
+    params = {"request": request_json(request), **result.params}
     metrics = {**result.metrics, "edit_seconds": round(duration, 3)}
     child = registry.commit(
         info.ref, changes, method, params, metrics, name=name, relation="edit", duration_s=duration

@@ -44,8 +44,7 @@ class EditResult:
 @dataclass(frozen=True)
 class EditContext:
     """Where an edit runs: the parent version and the registry's derived tensors, for what outlives one
-    edit (MEMIT's covariance statistics). Editors that use it define `with_context(request, context)`,
-    returning the request completed from the context; `apply_edit` calls it before `edit`."""
+    edit (MEMIT's covariance statistics); see `Editor`."""
 
     parent: VersionInfo
     derived: DerivedTensors
@@ -53,8 +52,13 @@ class EditContext:
 
 @runtime_checkable
 class Editor(Protocol):
+    """An editor plugin. Besides what is declared here it may define `with_context(request, context)`, which
+    returns the request completed from an `EditContext` (`apply_edit` calls it before `edit`); its request
+    type follows the protocol of `modelzoo.editors.requests`."""
+
     name: ClassVar[str]  # the provenance method, e.g. "uce"
     families: ClassVar[tuple[str, ...]]  # the model families it can edit
+    request_type: ClassVar[type]  # the request dataclass, which the CLI builds from options and files
 
     def edit(self, model: LoadedModel, request: Any, progress: EditProgress | None = None) -> EditResult:
         """Validate `request` (raising BadInput before any heavy work), edit, and return the changes.

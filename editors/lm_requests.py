@@ -38,6 +38,11 @@ class FactRequest:
     neighborhood_prompts: tuple[Neighbour, ...] = ()
     case_id: str | None = None
 
+    @classmethod
+    def from_json(cls, row: Any) -> FactRequest:
+        """A request's JSON, CounterFact's `{"str": ...}` targets included."""
+        return request_from_json(row)
+
     @property
     def text(self) -> str:
         return self.prompt.format(self.subject)

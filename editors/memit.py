@@ -149,6 +149,13 @@ class MemitRequest:
     down_proj_template: str | None = None
     hparams: dict[str, Any] = field(default_factory=dict)
 
+    def validate(self) -> MemitRequest:
+        if not self.requests:
+            raise BadInput("MEMIT and AlphaEdit need at least one request")
+        for i, r in enumerate(self.requests):
+            r.validate(f"request {i + 1}")
+        return self
+
     @classmethod
     def of(cls, requests: Sequence[FactRequest | dict[str, Any]], **options: Any) -> MemitRequest:
         parsed = tuple(r if isinstance(r, FactRequest) else request_from_json(r, f"request {i + 1}")
@@ -438,7 +445,7 @@ PREV_KIND = "alphaedit-prev"
 
 
 def _weight_hash(W: torch.Tensor) -> str:
-    return hashlib.sha256(W.detach().float().contiguous().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(W.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def _load_prev(cache: DerivedTensors | None, W: torch.Tensor, key_dim: int) -> torch.Tensor:
@@ -489,10 +496,7 @@ def prepare(model: LoadedModel, request: Any, method: str = "memit") -> Prepared
     """Every check that needs no heavy work, so bad input fails before statistics or optimisation."""
     if not isinstance(request, MemitRequest):
         raise BadInput(f"{method} takes a MemitRequest, not {type(request).__name__}")
-    if not request.requests:
-        raise BadInput(f"{method} needs at least one request")
-    for i, r in enumerate(request.requests):
-        r.validate(f"request {i + 1}")
+    request.validate()
     lm, tokenizer = _check_model(model)
     layout = layout_of(lm, request.block_template, request.down_proj_template)
     hp = resolve_hparams(request, layout)
@@ -621,6 +625,7 @@ class MemitEditor:
 
     name: ClassVar[str] = "memit"
     families: ClassVar[tuple[str, ...]] = ("lm",)
+    request_type: ClassVar[type] = MemitRequest
 
     def with_context(self, request: Any, context: EditContext) -> Any:
         """Cache C in the registry, keyed by the parent's manifest hash, unless the caller chose a cache."""

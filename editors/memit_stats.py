@@ -80,10 +80,12 @@ def read_corpus(corpus: Path) -> list[str]:
 
 
 class _Accumulator:
-    """Sums k k^T in float64 (float32 sums of 10^5 outer products lose digits) over the masked positions."""
+    """Sums k k^T in float64 (float32 sums of 10^5 outer products lose digits) over the masked positions, on
+    the device the keys are on."""
 
     def __init__(self, modules: Sequence[str], dim: int, dtype: torch.dtype) -> None:
-        self.sums = {m: torch.zeros(dim, dim, dtype=torch.float64) for m in modules}
+        self.dim = dim
+        self.sums: dict[str, torch.Tensor] = {}
         self.dtype = dtype
         self.count = 0
         self.mask: torch.Tensor | None = None
@@ -91,8 +93,15 @@ class _Accumulator:
     def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
         if self.mask is not None:
             k = x.detach()[self.mask].to(self.dtype)
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=k.device)
             self.sums[name] += (k.T @ k).double()
         return x
+
+    def mean(self, name: str) -> torch.Tensor:
+        """C, stored in float32 on the CPU, where the closed-form solve runs."""
+        total = self.sums.get(name, torch.zeros(self.dim, self.dim, dtype=torch.float64))
+        return (total / max(self.count, 1)).float().cpu()
 
 
 def _context(lm: nn.Module) -> int:
@@ -208,7 +217,7 @@ def second_moments(
         _corpus_keys(lm, tokenizer, acc, missing, read_corpus(corpus), samples, progress)
     seconds = time.perf_counter() - started
     for m in missing:
-        C = (acc.sums[m] / max(acc.count, 1)).float()
+        C = acc.mean(m)
         found[m] = LayerStats(C, acc.count, False, seconds)
         if cache is not None:
             cache.put(DERIVED_KIND, asdict(keys[m]), C, {"count": acc.count, "seconds": round(seconds, 3)},

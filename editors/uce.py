@@ -127,6 +127,9 @@ class UceRequest:
     guidance_scale: float = 7.5
     seed: int = 0
 
+    def validate(self) -> UceRequest:
+        return _resolve(self)
+
 
 @dataclass
 class ConceptRows:
@@ -153,6 +156,7 @@ class UceEditor:
 
     name: ClassVar[str] = "uce"
     families: ClassVar[tuple[str, ...]] = ("diffusion",)
+    request_type: ClassVar[type] = UceRequest
 
     def __init__(self, reader: AttributeReader | None = None):
         """`reader` overrides the request's attribute reader (for callers with their own classifier)."""

@@ -46,6 +46,7 @@ from modelzoo.editors.warp_field import (
     warp_images,
 )
 from modelzoo.registry.errors import BadInput
+from modelzoo.registry.factors import LowRank
 from modelzoo.registry.families.base import LoadedModel
 from modelzoo.registry.families.stylegan import Generator, latents_for_seeds
 
@@ -208,7 +209,7 @@ def _sample_from_json(data: Any, index: int) -> WarpSample:
         raise BadInput(f"sample {index}: latent must be a list of numbers (a z vector)")
     sample = WarpSample(seed=seed, latent=None if latent is None else tuple(latent))
     points = data.get("points")
-    if points is None:
+    if points is None or points == []:  # recorded provenance of a whole-image transform lists no points
         return sample
     return WarpSample(seed=sample.seed, latent=sample.latent, points=parse_points(points, sample.label(index)))
 
@@ -260,15 +261,22 @@ class LowRankUpdate:
     @classmethod
     def init(cls, layer: str, W0: Tensor, rank: int, generator: torch.Generator) -> LowRankUpdate:
         out_channels, in_channels, kh, kw = W0.shape
-        Lambda = torch.zeros(out_channels, rank, kh, kw, device=W0.device, requires_grad=True)
-        D = torch.randn(rank, in_channels, generator=generator).to(W0.device).requires_grad_(True)
+        # the factors are trained in at least float32: Adam's steps would vanish in a half-precision weight
+        dtype = torch.promote_types(W0.dtype, torch.float32)
+        Lambda = torch.zeros(out_channels, rank, kh, kw, device=W0.device, dtype=dtype, requires_grad=True)
+        D = torch.randn(rank, in_channels, generator=generator).to(W0.device, dtype).requires_grad_(True)
         return cls(layer, W0, Lambda, D)
 
     def delta(self) -> Tensor:
-        return torch.einsum("orhw,ri->oihw", self.Lambda, self.D)
+        return torch.einsum("orhw,ri->oihw", self.Lambda, self.D).to(self.W0.dtype)
 
     def weight(self) -> Tensor:
         return self.W0 + self.delta()
+
+    def factors(self) -> LowRank:
+        """Delta W as the registry stores it: B (out * kh * kw, r) from Lambda, A = D (r, in)."""
+        B = self.Lambda.detach().permute(0, 2, 3, 1).reshape(-1, self.Lambda.shape[1])
+        return LowRank(B.cpu().contiguous(), self.D.detach().cpu().contiguous())
 
 
 @dataclass
@@ -422,6 +430,7 @@ class WarpEditor:
 
     name: ClassVar[str] = "warp"
     families: ClassVar[tuple[str, ...]] = ("gan",)
+    request_type: ClassVar[type] = WarpRequest
 
     def edit(self, model: LoadedModel, request: Any, progress: EditProgress | None = None) -> EditResult:
         if isinstance(request, Mapping):
@@ -436,6 +445,7 @@ class WarpEditor:
         after = fit.fit_error(edited=True)
         with torch.no_grad():
             changed = {u.layer + ".weight": u.weight().clone().contiguous() for u in fit.updates}
+            factors = {u.layer + ".weight": u.factors() for u in fit.updates}
             relative = {u.layer: round(float(u.delta().norm() / u.W0.norm()), 6) for u in fit.updates}
         params = {
             "layers": plan.layers,
@@ -458,4 +468,4 @@ class WarpEditor:
             "last_loss": round(float(np.mean(losses[-10:])), 6),
             "delta_relative_norm": relative,
         }
-        return EditResult(changed=changed, params=params, metrics=metrics)
+        return EditResult(changed=changed, params=params, metrics=metrics, factors=factors)

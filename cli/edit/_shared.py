@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from modelzoo.cli.output import console
+from modelzoo.editors.requests import parse_request
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.records import VersionInfo
 
@@ -26,15 +26,11 @@ def read_json_object(path: Path, what: str) -> dict[str, Any]:
 
 
 def request_from(cls: type, file: Path | None, flags: dict[str, Any], what: str) -> Any:
-    """The request dataclass from a JSON file, overridden by the flags that were given (not None/empty).
-    Fields that hold runtime handles (`metadata={"provenance": False}`) are not settings a file can give."""
+    """The request from a JSON file, overridden by the flags that were given (not None/empty), built by the
+    request protocol (`modelzoo.editors.requests`)."""
     values = read_json_object(file, what) if file is not None else {}
-    names = {f.name for f in fields(cls) if f.metadata.get("provenance", True)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise BadInput(f"{what} {file}: unknown keys {unknown}; known: {sorted(names)}")
     values |= {k: v for k, v in flags.items() if v is not None and v != []}
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    return parse_request(cls, values, f"{what} {file}" if file is not None else what)
 
 
 def render_child(info: VersionInfo) -> None:

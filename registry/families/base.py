@@ -42,6 +42,22 @@ class LoadedModel:
     tokenizer: Any = None
     config: dict[str, Any] = field(default_factory=dict)
 
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
+        """Move every module, and so the pipeline that holds them, to `device`, and its floating-point
+        parameters and buffers to `dtype`."""
+        for module in self.modules.values():
+            module.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating-point dtype of the model's parameters (the first module's first such parameter)."""
+        return next(p.dtype for m in self.modules.values() for p in m.parameters() if p.is_floating_point())
+
+    @property
+    def device(self) -> torch.device:
+        return next(p.device for m in self.modules.values() for p in m.parameters())
+
     def tensor(self, name: str) -> torch.Tensor:
         component, key = self.split(name)
         return self.modules[component].state_dict()[key]

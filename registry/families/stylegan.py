@@ -248,7 +248,7 @@ class MappingNetwork(nn.Module):
 
     def embed(self, z: Tensor) -> Tensor:
         """z (N, z_dim) -> w (N, w_dim), before broadcasting and truncation."""
-        x = z.float()
+        x = z.to(self.w_avg)  # the generator's dtype and device: latents come as float32 on the CPU
         x = x * (x.square().mean(dim=1, keepdim=True) + 1e-8).rsqrt()
         for idx in range(self.num_layers):
             x = self.get_submodule(f"fc{idx}")(x)
@@ -269,7 +269,7 @@ class MappingNetwork(nn.Module):
     def estimate_w_avg(self, num_samples: int = 10_000, seed: int = 0) -> None:
         """Set w_avg to the mean w of `num_samples` seeded z, for a generator that did not track it."""
         generator = torch.Generator().manual_seed(seed)
-        z = torch.randn(num_samples, self.z_dim, generator=generator).to(self.w_avg.device)
+        z = torch.randn(num_samples, self.z_dim, generator=generator).to(self.w_avg)
         self.w_avg.copy_(self.embed(z).mean(dim=0))
 
 
@@ -306,7 +306,7 @@ class SynthesisLayer(nn.Module):
             x = x + self.noise_const * self.noise_strength
         elif noise_mode == "random":
             res = self.resolution
-            x = x + torch.randn(x.shape[0], 1, res, res, device=x.device) * self.noise_strength
+            x = x + torch.randn(x.shape[0], 1, res, res, device=x.device, dtype=x.dtype) * self.noise_strength
         x = F.leaky_relu(x + self.bias[:, None, None], LRELU_SLOPE) * LRELU_GAIN
         return _clamp(x, self.conv_clamp)
 
@@ -386,7 +386,7 @@ class SynthesisNetwork(nn.Module):
             raise BadInput(f"ws must have shape (N, {self.num_ws}, {self.w_dim}), got {tuple(ws.shape)}")
         if noise_mode not in NOISE_MODES:
             raise BadInput(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
-        ws = ws.float()
+        ws = ws.to(next(self.parameters()))  # the network's dtype and device
         x = img = None
         w_idx = 0
         for res in self.block_resolutions:

@@ -1,0 +1,208 @@
+"""The contract every editor keeps, run for every entry point in `modelzoo.editors` on a tiny model of each
+family it edits: bad input changes nothing, only changed tensors come back, an edit is a function of its
+request (the provenance alone reproduces it bit for bit), no hooks stay behind, an interrupted edit
+registers nothing, and the edit runs in float32, float64 and bfloat16 on every device torch reports.
+
+An editor without a case here fails `test_every_editor_has_a_case`: a new built-in editor brings its case.
+Tolerance of the other dtypes against float32, on the edited model's outputs for fixed inputs: they lie
+within `F64_TOLERANCE` (float64) or `BF16_TOLERANCE` (bfloat16) times the float32 edit's effect on those
+outputs of the float32 edit's, plus twice what the dtype alone changes in the unedited model's outputs
+(MEMIT's float64 tolerance is wider, see `MEMIT`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from cli_helpers import snapshot
+from test_editor_memit import FACTS, SMALL, _save_tiny_lm
+from test_editor_warp import STRETCH
+
+import modelzoo
+from modelzoo.editors.base import editor_names, get_editor
+from modelzoo.editors.requests import parse_request, request_json, validated
+from modelzoo.registry.errors import BadInput
+from modelzoo.registry.families.base import LoadedModel
+
+F64_TOLERANCE = 1e-3
+BF16_TOLERANCE = 0.15
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="no CUDA device on this machine"))]
+
+
+@dataclass(frozen=True)
+class Case:
+    family: str
+    request: dict[str, Any]
+    bad: dict[str, Any]
+    """A request the editor must refuse before it loads the model."""
+    f64_tolerance: float = F64_TOLERANCE
+
+
+# Statistics of more tokens than the key dimension (128), so that C is not singular; z in the model's own
+# precision (the default bfloat16 autocast, for speed, would make float32 and float64 differ by the autocast);
+# no context templates, which are text the model samples, where near-ties of a random model's logits fall
+# differently in other dtypes. The float64 tolerance is wider, measured at 0.35 of the edit's effect: z is
+# fitted with Adam, whose first steps move every coordinate by about lr whatever the size of its gradient,
+# so where a gradient is near zero float rounding picks the sign (the rank-1 change keeps its key direction
+# to 1e-12 and its norm to 1e-8).
+MEMIT = Case("lm", {"requests": FACTS[:1], "stats_samples": 1024,
+                    "hparams": {**SMALL, "z_precision": "float32", "template_count": 0}}, {"requests": []},
+             f64_tolerance=0.5)
+CASES = {
+    "uce": Case("diffusion", {"erase": ["cat"], "preserve": ["dog"]}, {"erase": []}),
+    # lr 1e-3: at the paper's 1e-5 two steps change the weights by less than bfloat16 can represent
+    "esd": Case("diffusion", {"erase": ["cat"], "iterations": 2, "ddim_steps": 3, "lr": 1e-3, "seed": 1},
+                {"erase": ["cat"], "iterations": 0}),
+    "memit": MEMIT,
+    "alphaedit": MEMIT,
+    "warp": Case("gan", {**STRETCH, "iterations": 3, "rank": 2, "batch_size": 2}, {**STRETCH, "rank": 0}),
+}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory, sd_dir: Path, tiny_gan_dir: Path) -> dict[str, Path]:
+    return {"diffusion": sd_dir, "gan": tiny_gan_dir, "lm": _save_tiny_lm(tmp_path_factory.mktemp("lm") / "lm")}
+
+
+def _parent(zoo: modelzoo.Zoo, sources: dict[str, Path], family: str) -> str:
+    return zoo.import_(sources[family], name=family).ref
+
+
+def _request(name: str, data: dict[str, Any]) -> Any:
+    return parse_request(get_editor(name).request_type, data, f"{name} request")
+
+
+def test_every_editor_has_a_case() -> None:
+    assert set(editor_names()) <= set(CASES), sorted(set(editor_names()) - set(CASES))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_bad_request_is_refused_and_changes_nothing(name: str, zoo: modelzoo.Zoo, home: Path,
+                                                      sources: dict[str, Path]) -> None:
+    ref = _parent(zoo, sources, CASES[name].family)
+    before = snapshot(home)
+    with pytest.raises(BadInput):
+        zoo.edit(ref, name, _request(name, CASES[name].bad))
+    assert snapshot(home) == before
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_the_provenance_alone_reproduces_the_child_bit_for_bit(name: str, zoo: modelzoo.Zoo,
+                                                                sources: dict[str, Path]) -> None:
+    ref = _parent(zoo, sources, CASES[name].family)
+    first = zoo.edit(ref, name, _request(name, CASES[name].request), name="first")
+    recorded = first.params["request"]
+    again = zoo.edit(ref, name, _request(name, recorded), name="again")
+    assert zoo.diff(ref, first.ref).changed, "the edit changed nothing"
+    assert not zoo.diff(first.ref, again.ref).changed
+    assert request_json(_request(name, recorded)) == recorded
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_an_edit_interrupted_at_its_end_registers_nothing(name: str, zoo: modelzoo.Zoo, home: Path,
+                                                          sources: dict[str, Path],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C after the editor returns and before the child is committed: the last moment it can come."""
+    editor_type = type(get_editor(name))
+    finished = editor_type.edit
+
+    def interrupted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        finished(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    ref = _parent(zoo, sources, CASES[name].family)
+    before = _registered(home)
+    monkeypatch.setattr(editor_type, "edit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        zoo.edit(ref, name, _request(name, CASES[name].request))
+    assert _registered(home) == before
+    assert zoo.verify().ok
+
+
+def _registered(home: Path) -> list[str]:
+    """The registry's rows but the caches that depend on the parent alone (MEMIT's statistics C, kept so that
+    a rerun does not compute them again) and the blobs that hold them."""
+    rows, _ = snapshot(home)
+    return [r for r in rows if not r.startswith(('INSERT INTO "derived_tensors"', 'INSERT INTO "blobs"'))]
+
+
+def _edited(zoo: modelzoo.Zoo, ref: str, name: str, device: str, dtype: torch.dtype,
+            ) -> tuple[LoadedModel, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The editor run directly on the parent loaded at (device, dtype): the model, the parent's tensors
+    and what the editor returned."""
+    from modelzoo.editors.base import EditContext
+    from modelzoo.registry.derived import DerivedTensors
+
+    editor = get_editor(name)
+    request = validated(_request(name, CASES[name].request))
+    with_context = getattr(editor, "with_context", None)
+    if with_context is not None:
+        request = with_context(request, EditContext(zoo.get(ref), DerivedTensors(zoo.registry)))
+    model = zoo.load(ref).to(device, dtype)
+    parent = {n: t.detach().clone() for n, t in model.named_tensors().items()}
+    return model, parent, editor.edit(model, request).changed
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_only_changed_tensors_come_back_in_the_models_dtype_and_no_hook_stays(
+    name: str, device: str, zoo: modelzoo.Zoo, sources: dict[str, Path]
+) -> None:
+    ref = _parent(zoo, sources, CASES[name].family)
+    model, parent, changed = _edited(zoo, ref, name, device, torch.float32)
+    assert changed
+    for tensor_name, value in changed.items():
+        assert value.dtype == parent[tensor_name].dtype and value.device.type == device, tensor_name
+        assert not torch.equal(value, parent[tensor_name]), f"{tensor_name} came back unchanged"
+    for module in model.modules.values():
+        for sub in module.modules():
+            hooks = (sub._forward_hooks, sub._forward_pre_hooks, sub._backward_hooks, sub._backward_pre_hooks)
+            assert not any(hooks), f"{type(sub).__name__} keeps a hook"
+
+
+def _outputs(model: LoadedModel) -> torch.Tensor:
+    """What the model computes on fixed inputs, in float64: an LM's logits on a prompt, a UNet's prediction
+    for fixed latents and text, a generator's images for fixed seeds."""
+    with torch.no_grad():
+        if model.family == "lm":
+            ids = model.tokenizer("The capital of France is", return_tensors="pt")["input_ids"].to(model.device)
+            out = model.pipeline(input_ids=ids).logits
+        elif model.family == "diffusion":
+            from modelzoo.editors.diffusion_text import text_side
+
+            unet = model.modules["unet"]
+            text = text_side(model).encode(["a cat"]).to(model.device, model.dtype)
+            latents = torch.randn((1, unet.config.in_channels, 8, 8), generator=torch.Generator().manual_seed(0))
+            out = unet(latents.to(model.device, model.dtype), 500, encoder_hidden_states=text).sample
+        else:
+            from modelzoo.registry.families.stylegan import latents_for_seeds
+
+            out = model.pipeline(latents_for_seeds(range(4), model.pipeline.z_dim).to(model.device))
+    return out.double().cpu()
+
+
+@pytest.mark.parametrize("dtype", ["float64", "bfloat16"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_the_edit_in_another_dtype_does_what_the_float32_edit_does(
+    name: str, dtype: str, zoo: modelzoo.Zoo, sources: dict[str, Path]
+) -> None:
+    """Compared on what the edited model computes, not on its weights: where the edit's solve is
+    ill-conditioned (MEMIT's C on a random tiny model), the weights differ along directions no input takes."""
+    ref = _parent(zoo, sources, CASES[name].family)
+    model32, _, changed32 = _edited(zoo, ref, name, "cpu", torch.float32)
+    model, _, changed = _edited(zoo, ref, name, "cpu", DTYPES[dtype])
+    assert set(changed) == set(changed32)
+    assert all(value.dtype == DTYPES[dtype] for value in changed.values())
+    parent32, parent = _outputs(zoo.load(ref)), _outputs(zoo.load(ref).to("cpu", DTYPES[dtype]))
+    edited32, edited = _outputs(model32), _outputs(model)
+    effect = float((edited32 - parent32).norm())
+    noise = float((parent - parent32).norm())  # what the dtype alone changes in the unedited model
+    tolerance = CASES[name].f64_tolerance if dtype == "float64" else BF16_TOLERANCE
+    distance = float((edited - edited32).norm())
+    assert distance <= tolerance * effect + 2 * noise, f"distance {distance:.2e}, effect {effect:.2e}, noise {noise:.2e}"
