@@ -9,6 +9,10 @@ which works because each edit is a small (low-rank) change of a few layers, and 
 rules interfere little. Nothing here is GAN-specific: any family's edits of a shared parent compose.
 The result is registered with every composed edit as a parent (relation "compose"), the first one
 providing the manifest that the composed tensors replace.
+
+Where every edit of a tensor is stored as factors over the parent's tensor, so is the composition: over
+the first edit's tensor it is (s_1 - 1) Delta_1 + sum_{k>1} s_k Delta_k, whose factors are the edits'
+factors side by side (the ranks add up).
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from collections.abc import Sequence
 
 import torch
 
+from modelzoo.registry.blobs import FACTORED
 from modelzoo.registry.errors import BadInput
+from modelzoo.registry.factors import LowRank, factor_rows
 from modelzoo.registry.records import VersionInfo
 from modelzoo.registry.store import Registry
 
@@ -50,6 +56,34 @@ def _check_scales(scales: Sequence[float] | None, count: int) -> list[float]:
         if isinstance(s, bool) or not isinstance(s, int | float) or not math.isfinite(s) or not 0 <= s <= 1:
             raise BadInput(f"scales lie in [0, 1] (the reference's range), got {s!r}")
     return [float(s) for s in scales]
+
+
+def _factored_sums(registry: Registry, parent: str, refs: Sequence[str], scales: Sequence[float]) -> dict[str, LowRank]:
+    """The composed change over the first edit's tensor, as factors, of each tensor that every edit changing
+    it stores as factors over the parent's tensor (in one layout)."""
+    base = registry.manifest(parent)
+    manifests = [registry.manifest(ref) for ref in refs]
+    with registry.db.read() as session:
+        rows = factor_rows(session, [b.sha256 for m in manifests for b in m.values() if b.kind == FACTORED])
+    sums: dict[str, LowRank] = {}
+    dense: set[str] = set()
+    for k, (manifest, s) in enumerate(zip(manifests, scales, strict=True)):
+        coefficient = s - 1 if k == 0 else s  # the first edit's own change is already in its tensor
+        for (kind, name), blob in manifest.items():
+            under = base.get((kind, name))
+            if kind != "tensor" or under is None or blob.sha256 == under.sha256:
+                continue
+            row = rows.get(blob.sha256)
+            if row is None or row.base != under.sha256:
+                dense.add(name)
+                continue
+            B, A = (registry.blobs.get_tensor(sha) for sha in (row.b, row.a))
+            change = LowRank(B, A, row.scale * coefficient)
+            if name in sums and sums[name].B.shape[0] != change.B.shape[0]:
+                dense.add(name)
+            elif coefficient:
+                sums[name] = sums[name].cat(change) if name in sums else change
+    return {name: change for name, change in sums.items() if name not in dense}
 
 
 def compose(
@@ -89,7 +123,8 @@ def compose(
             delta = (value.double() - W_orig.double()) * s
             composed[tensor_name] = composed.get(tensor_name, W_orig.double()) + delta
             changed_by.setdefault(tensor_name, []).append(info.ref)
-    changed = {k: v.to(base[k].dtype).contiguous() for k, v in composed.items()}
+    changed: dict[str, torch.Tensor | LowRank] = {k: v.to(base[k].dtype).contiguous() for k, v in composed.items()}
+    changed.update(_factored_sums(registry, parent, resolved, factors))
     params = {"refs": resolved, "scales": factors, "parent": parent}
     metrics = {"tensors": len(changed), "changed_by": changed_by}
     return registry.commit(

@@ -59,6 +59,7 @@ import torch
 from modelzoo.editors.base import EditContext, EditProgress, EditResult, changed_tensors
 from modelzoo.editors.diffusion_text import UNET, TextSide, cross_attention_projections, text_side
 from modelzoo.registry.errors import BadInput
+from modelzoo.registry.factors import LowRank
 from modelzoo.registry.families.base import LoadedModel, get_family
 from modelzoo.registry.queries import ListFilter, list_models
 
@@ -207,7 +208,22 @@ class UceEditor:
         changed = changed_tensors(model, list(before), before)
         metrics |= {"edited_tensors": len(changed), "concept_rows": rows.counts}
         settings = {k: v for k, v in asdict(plan.resolved).items() if k != "read"}
-        return EditResult(changed=changed, params={**settings, "edited_modules": names}, metrics=metrics)
+        return EditResult(changed=changed, params={**settings, "edited_modules": names}, metrics=metrics,
+                          factors=_low_rank(rows, applied[0], {n: w for n, w in before.items() if n in changed}))
+
+
+def _low_rank(rows: ConceptRows, M: torch.Tensor, W0: dict[str, torch.Tensor]) -> dict[str, LowRank]:
+    """Each changed projection's change W (M - I) as factors (W U) V, where its rank is below half the
+    weight's smaller side; wider changes stay dense. N - A = s_e (G - C)^T C, so M - I = (G - C)^T V with
+    V = s_e C A^-1: U = (G - C)^T (one column per edited row), and V is read back from M by least squares
+    (exact: M - I lies in U's column space), which spares a second solve."""
+    U = (rows.G - rows.C).double().T.cpu()
+    if not W0 or 2 * U.shape[1] >= min(min(w.shape) for w in W0.values()):
+        return {}
+    V = torch.linalg.lstsq(U, M.double().cpu() - torch.eye(U.shape[0], dtype=torch.float64)).solution
+    dtype = torch.promote_types(next(iter(W0.values())).dtype, torch.float32)
+    A = V.to(dtype).contiguous()
+    return {name: LowRank((w.double().cpu() @ U).to(dtype).contiguous(), A) for name, w in W0.items()}
 
 
 Span = tuple[str, int]
