@@ -90,7 +90,10 @@ def adapter_format(path: Path) -> str | None:
     if path.is_dir():
         if (path / PEFT_CONFIG).is_file() or any((p / PEFT_CONFIG).is_file() for p in path.iterdir() if p.is_dir()):
             return "peft"
-        return _file_format(path / DIFFUSERS_WEIGHTS) if (path / DIFFUSERS_WEIGHTS).is_file() else None
+        weights = path / DIFFUSERS_WEIGHTS
+        if weights.is_symlink():  # not read here: the folder walk of `read_adapter` decides whether it may be
+            return "diffusers"
+        return _file_format(weights) if weights.is_file() else None
     return _file_format(path) if path.suffix == ".safetensors" and path.is_file() else None
 
 
@@ -116,8 +119,11 @@ def read_adapter(path: Path, follow_symlinks: bool = False) -> AdapterSource:
         source = _read_peft(SourceFolder(path, follow_symlinks))
     else:
         file = path / DIFFUSERS_WEIGHTS if path.is_dir() else path
-        if path.is_dir():
-            SourceFolder(path, follow_symlinks)  # refuses links out of the folder, like every import
+        if path.is_dir():  # links out of the folder are refused, as for every import
+            file = SourceFolder(path, follow_symlinks).files[DIFFUSERS_WEIGHTS]
+        kind = _file_format(file) or ""
+        if not kind:
+            raise BadInput(f"{file} holds no LoRA pairs in the diffusers or kohya layout")
         header = read_header(file)
         raw = header.metadata.get(DIFFUSERS_METADATA)
         metadata = parse_json_object(raw.encode(), f"{file}: {DIFFUSERS_METADATA}") if raw else {}

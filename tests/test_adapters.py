@@ -167,3 +167,17 @@ def test_lora_export_of_a_dense_child_is_refused(zoo, tmp_path):
     child = zoo.commit(base.ref, {"transformer.ln_f.weight": torch.full((32,), 2.0)}, method="scale")
     with pytest.raises(BadInput, match="dense"):
         zoo.export(child.ref, tmp_path / "lora", format="lora")
+
+
+def test_a_lora_file_linked_from_outside_the_folder_is_refused(zoo, sd_dir, tmp_path):
+    from modelzoo.registry.errors import BadInput
+
+    outside = save_kohya_sd_lora(tmp_path / "elsewhere.safetensors")
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "pytorch_lora_weights.safetensors").symlink_to(outside)
+    base = zoo.import_(sd_dir, "sd")
+    with pytest.raises(BadInput, match="outside"):
+        zoo.import_(folder, "sd-linked", base=base.ref)
+    child = zoo.import_(folder, "sd-linked", base=base.ref, follow_symlinks=True)
+    assert child.params["adapter"]["format"] == "kohya"
