@@ -21,6 +21,7 @@ from modelzoo.registry.errors import BadInput, ZooError
 from modelzoo.registry.exporter import export_version
 from modelzoo.registry.families.base import LoadedModel, Sample, get_family
 from modelzoo.registry.importer import import_path
+from modelzoo.registry.placement import load_model, resolve_device
 from modelzoo.registry.queries import ListFilter
 from modelzoo.registry.records import (
     AliasEvent,
@@ -105,16 +106,17 @@ class Zoo:
     def stats(self) -> StoreStats:
         return queries.stats(self.registry)
 
-    def load(self, ref: str, device: str = "cpu") -> LoadedModel:
-        """The version as live torch objects (a diffusers pipeline, a transformers model, a Generator)."""
-        info = self.registry.info(ref)
-        return get_family(info.family).load(self.registry, info.ref, device)
+    def load(self, ref: str, device: str = "cpu", dtype: str | None = None) -> LoadedModel:
+        """The version as live torch objects (a diffusers pipeline, a transformers model, a Generator) on
+        `device` ("auto": CUDA when present) in `dtype` ("bfloat16", ...; None keeps the stored dtype)."""
+        return load_model(self.registry, ref, device, dtype)
 
     def sample(
-        self, ref: str, seeds: Sequence[int], prompt: str | None = None, device: str = "cpu", **options: Any
+        self, ref: str, seeds: Sequence[int], prompt: str | None = None, device: str = "cpu",
+        dtype: str | None = None, **options: Any,
     ) -> list[Sample]:
         """One sample per seed; seed s means the same latent for every version of a model."""
-        model = self.load(ref, device)
+        model = self.load(ref, device, dtype)
         return get_family(model.family).sample(model, list(seeds), prompt, **options)
 
     def tensors(self, ref: str, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
@@ -139,10 +141,14 @@ class Zoo:
         *,
         name: str | None = None,
         device: str = "cpu",
+        dtype: str | None = None,
         progress: EditProgress | None = None,
     ) -> VersionInfo:
-        """Edit `ref` with an editor plugin (uce, esd, memit, alphaedit, warp, ...) and register the child."""
-        child = apply_edit(self.registry, ref, method, request, name=name, device=device, progress=progress)
+        """Edit `ref` with an editor plugin (uce, esd, memit, alphaedit, warp, ...) and register the child.
+        The edit runs on `device` in `dtype` (see `load`); the child's tensors keep the parent's dtypes."""
+        device = resolve_device(device)
+        child = apply_edit(self.registry, ref, method, request, name=name, device=device, dtype=dtype,
+                           progress=progress)
         self._index_like_parent(ref, child, device)
         return child
 
@@ -189,6 +195,7 @@ class Zoo:
         options: Mapping[str, Any] | None = None,
         batch_size: int = 32,
         device: str = "cpu",
+        dtype: str | None = None,
         progress: IndexProgress | None = None,
     ) -> list[IndexedVersion]:
         """Sample, embed and store moments for `refs` (default: every live diffusion, GAN and LM version)
@@ -200,11 +207,12 @@ class Zoo:
         if encoder is None:
             known = {e.encoder_id for e in indexed_encoders(self.registry)}
             encoder = known.pop() if len(known) == 1 else DEFAULT_ENCODER
+        device = resolve_device(device)
         clip = load_embedder(encoder, self.registry, device)
         targets = [self.registry.info(r) for r in refs] if refs else indexable_versions(self.registry)
         specs = [sample_spec(i.family, samples, prompts, first_seed, dict(options or {})) for i in targets]
         done = [
-            index_version(self.registry, clip, info, spec, rank, batch_size, progress, device)
+            index_version(self.registry, clip, info, spec, rank, batch_size, progress, device, dtype)
             for info, spec in zip(targets, specs, strict=True)
         ]
         if done:

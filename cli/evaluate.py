@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from modelzoo.cli.options import Device, Dtype
 from modelzoo.cli.output import emit, table
 from modelzoo.editors.lm_eval import FactScores, fact_scores
 from modelzoo.editors.lm_requests import load_requests
@@ -38,7 +39,8 @@ def _render(report: FactReport) -> None:
 def facts(
     ref: str,
     requests: Annotated[Path, typer.Option(help="JSON or JSONL file of CounterFact-form requests.")],
-    device: Annotated[str, typer.Option(help="torch device, e.g. cuda.")] = "cpu",
+    device: Device = "cpu",
+    dtype: Dtype = "stored",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Does the version prefer each request's new target (on its prompt and paraphrases) and keep its
@@ -50,7 +52,7 @@ def facts(
     info = zoo.get(ref)
     if info.family != "lm":
         raise BadInput(f"{info.ref} is a {info.family} model; zoo eval facts measures language models")
-    model = zoo.load(info.ref, device)
+    model = zoo.load(info.ref, device, dtype)
     if model.tokenizer is None:
         raise BadInput(f"{info.ref} has no tokenizer to read the requests' text with")
     emit(FactReport(info.ref, fact_scores(model.pipeline, model.tokenizer, facts)), as_json, _render)

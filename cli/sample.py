@@ -23,6 +23,7 @@ import typer
 from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
+from modelzoo.cli.options import Device, Dtype
 from modelzoo.cli.output import console, emit, errors
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.families.base import Family, Sample, contact_sheet, get_family
@@ -171,7 +172,8 @@ def sample(
     out: Annotated[Path | None, typer.Option(help="Folder for <seed>.png or samples.jsonl.")] = None,
     grid: Annotated[Path | None, typer.Option(help="Also write a contact sheet of the images (PNG).")] = None,
     steps: Annotated[int | None, typer.Option(help="Denoising steps (diffusion models).")] = None,
-    device: Annotated[str, typer.Option(help="torch device to sample on, e.g. cuda.")] = "cpu",
+    device: Device = "cpu",
+    dtype: Dtype = "stored",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Draw N samples of a version, one per seed: images as <seed>.png, text as JSON lines."""
@@ -184,7 +186,7 @@ def sample(
     info = zoo.get(ref)
     family = get_family(info.family)
     check_family_accepts(family, info, prompt, options)
-    model = zoo.load(info.ref, device)
+    model = zoo.load(info.ref, device, dtype)
     writer: SampleWriter | None = None
     with count_progress(f"sampling {info.ref}", len(seeds), quiet=as_json) as advance:
         # One seed per call: progress per sample, and a sample never depends on its batch.

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
+from modelzoo.cli.options import Device, Dtype
 from modelzoo.cli.output import console, emit, errors, table
 from modelzoo.registry.errors import BadInput
 from modelzoo.search.engine import SearchHit
@@ -36,7 +37,8 @@ def index(
     steps: Annotated[int | None, typer.Option(help="Denoising steps for diffusion sampling.")] = None,
     seed: Annotated[int, typer.Option(help="First seed.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Samples drawn per call.")] = 32,
-    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    device: Device = "cpu",
+    dtype: Dtype = "stored",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Sample and embed versions and store their moments; already indexed versions are skipped."""
@@ -62,7 +64,7 @@ def index(
 
         done = State.zoo().index(
             refs or None, encoder=encoder, samples=samples, prompts=prompts or None, rank=rank, first_seed=seed,
-            options=options, batch_size=batch_size, device=device, progress=progress,
+            options=options, batch_size=batch_size, device=device, dtype=dtype, progress=progress,
         )
     emit(done, as_json, _render_index)
 

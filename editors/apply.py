@@ -10,6 +10,7 @@ from modelzoo.editors.requests import request_json, validated
 from modelzoo.registry.derived import DerivedTensors
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.families.base import get_family
+from modelzoo.registry.placement import load_model, resolve_dtype
 from modelzoo.registry.records import VersionInfo
 from modelzoo.registry.store import Registry
 
@@ -22,6 +23,7 @@ def apply_edit(
     *,
     name: str | None = None,
     device: str = "cpu",
+    dtype: str | None = None,
     progress: EditProgress | None = None,
 ) -> VersionInfo:
     """Edit `ref` with the editor registered as `method` and register the result.
@@ -39,11 +41,17 @@ def apply_edit(
     if with_context is not None:
         request = with_context(request, EditContext(info, derived))
     family = get_family(info.family)
-    model = family.load(registry, info.ref, device)
+    model = load_model(registry, info.ref, device)
+    stored = {n: t.dtype for n, t in model.named_tensors().items()}
+    cast = resolve_dtype(dtype)
+    if cast is not None:
+        model.to(dtype=cast)
     started = time.perf_counter()
     result = editor.edit(model, request, progress)
     duration = time.perf_counter() - started
-    changes = {**result.changed, **result.factors}
+    # the child keeps the parent's dtypes, whatever the edit ran in, and the registry stores from the CPU
+    dense = {n: t.detach().to("cpu", stored.get(n, t.dtype)) for n, t in result.changed.items()}
+    changes = {**dense, **result.factors}
     outside = sorted(set(changes) - set(family.editable_tensors(model)))
     if outside:  # a plugin's bug must not become a version that, say, rewrote the tokenizer's embeddings
         raise BadInput(f"{method} changed tensors that {info.family} models do not let editors change "

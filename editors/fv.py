@@ -44,7 +44,8 @@ def _bias_changes(tensors: dict[str, torch.Tensor], config: dict[str, object], l
     changed = {}
     for name, weight in tensors.items():
         if name.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")):
-            changed[name.removesuffix("weight") + "bias"] = torch.zeros(weight.shape[0], dtype=weight.dtype)
+            bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+            changed[name.removesuffix("weight") + "bias"] = bias
     changed[f"{down}.bias"] = v.to(changed[f"{down}.bias"].dtype)
     return changed, True
 

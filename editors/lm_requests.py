@@ -184,7 +184,7 @@ def pad_batch(rows: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.
     """Right-padded ids and attention mask: real tokens keep positions 0..n-1, so indices stay valid."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # on the CPU with the ids; callers move both
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, : len(r)] = 1

@@ -289,7 +289,7 @@ def compute_z(lm: nn.Module, tokenizer: Any, layout: LmLayout, hp: MemitHparams,
     layer = layout.block_name(hp.layers[-1])
     head = lm.get_output_embeddings()
     device = next(lm.parameters()).device
-    D = torch.zeros(n, layout.hidden)
+    D = torch.zeros(n, layout.hidden)  # gathered on the CPU, where the closed-form solve runs
     steps, losses = [0] * n, [math.nan] * n
     pad = pad_id(tokenizer)
     total_steps = n * hp.v_steps
@@ -430,7 +430,7 @@ def alphaedit_factors(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, C_prev:
     """Delta = [(P (K K^T + C_prev) + l2 I)^-1 P K R^T]^T (AlphaEdit eq. 8 as in its code) as its factors
     (R, [(P (K K^T + C_prev) + l2 I)^-1 P K]^T): rank at most n. In float64."""
     K, R, P, C_prev = K.double(), R.double(), P.double(), C_prev.double()
-    eye = torch.eye(K.shape[0], dtype=torch.float64)
+    eye = torch.eye(K.shape[0], dtype=torch.float64, device=K.device)
     return R, torch.linalg.solve(P @ (K @ K.T + C_prev) + l2 * eye, P @ K).T
 
 
@@ -451,7 +451,7 @@ def _weight_hash(W: torch.Tensor) -> str:
 def _load_prev(cache: DerivedTensors | None, W: torch.Tensor, key_dim: int) -> torch.Tensor:
     """K K^T of the AlphaEdit edits that produced this weight (zero for a weight no AlphaEdit wrote)."""
     hit = None if cache is None else cache.get(PREV_KIND, {"weight": _weight_hash(W)})
-    return torch.zeros(key_dim, key_dim) if hit is None else hit.tensor
+    return torch.zeros(key_dim, key_dim) if hit is None else hit.tensor  # on the CPU, as the solve
 
 
 def _prev_value(W: torch.Tensor, C_prev: torch.Tensor, new_keys: int) -> DerivedValue:
@@ -529,7 +529,7 @@ def update_layers(prep: Prepared, method: str, z_delta: torch.Tensor, templates:
     per_layer = {}
     derived: list[DerivedValue] = []
     changes: dict[str, LowRank] = {}
-    Z = torch.empty(0)
+    Z = torch.empty(0)  # set at the first layer
     for i, layer in enumerate(hp.layers):
         K = keys_at(lm, tokenizer, layout, layer, requests, templates).T  # (key_dim, n)
         H = outputs_at(lm, tokenizer, layout, hp.layers[-1], requests)  # (n, hidden)

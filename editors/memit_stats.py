@@ -100,7 +100,7 @@ class _Accumulator:
 
     def mean(self, name: str) -> torch.Tensor:
         """C, stored in float32 on the CPU, where the closed-form solve runs."""
-        total = self.sums.get(name, torch.zeros(self.dim, self.dim, dtype=torch.float64))
+        total = self.sums.get(name, torch.zeros(self.dim, self.dim, dtype=torch.float64))  # no key reached it
         return (total / max(self.count, 1)).float().cpu()
 
 

@@ -145,7 +145,7 @@ class ConceptRows:
 def uce_map(rows: ConceptRows, lam: float, erase_scale: float, preserve_scale: float) -> torch.Tensor:
     """M with W' = W M for every edited projection: M = N A^-1 (see the module docstring), float64."""
     C, G, P = rows.C.double(), rows.G.double(), rows.P.double()
-    eye = torch.eye(C.shape[1], dtype=torch.float64)
+    eye = torch.eye(C.shape[1], dtype=torch.float64, device=C.device)
     A = lam * eye + erase_scale * C.T @ C + preserve_scale * P.T @ P
     N = lam * eye + erase_scale * G.T @ C + preserve_scale * P.T @ P
     # M A = N with A symmetric: A M^T = N^T, one solve.
@@ -186,7 +186,7 @@ class UceEditor:
         W0 = [m.weight.detach().clone() for m in modules]
         before = {f"{UNET}/{n}.weight": w for n, w in zip(names, W0, strict=True)}
 
-        applied = [torch.eye(W0[0].shape[1], dtype=torch.float64)]  # the map the weights now hold
+        applied = [torch.eye(W0[0].shape[1], dtype=torch.float64, device=W0[0].device)]  # the map the weights now hold
 
         def apply(rows: ConceptRows) -> None:
             M = uce_map(rows, request.lam, request.erase_scale, request.preserve_scale)
@@ -267,7 +267,8 @@ class _Plan:
         P = [self.hidden[self.index[t]] if self.resolved.tokens == "last_and_following" else self._aligned([(t, a)])[0]
              for t, a in self.preserve]
         return ConceptRows(
-            C=torch.cat(C), G=torch.cat(G), P=torch.cat(P) if P else torch.zeros(0, self.hidden.shape[-1]),
+            C=torch.cat(C), G=torch.cat(G),
+            P=torch.cat(P) if P else torch.zeros(0, self.hidden.shape[-1], device=self.hidden.device),
             counts={"edited": sum(len(c) for c in C), "preserved": sum(len(p) for p in P)},
         )
 

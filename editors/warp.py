@@ -264,6 +264,7 @@ class LowRankUpdate:
         # the factors are trained in at least float32: Adam's steps would vanish in a half-precision weight
         dtype = torch.promote_types(W0.dtype, torch.float32)
         Lambda = torch.zeros(out_channels, rank, kh, kw, device=W0.device, dtype=dtype, requires_grad=True)
+        # a seeded CPU draw, so a seed gives the same factors on every device
         D = torch.randn(rank, in_channels, generator=generator).to(W0.device, dtype).requires_grad_(True)
         return cls(layer, W0, Lambda, D)
 
@@ -389,7 +390,7 @@ class WarpFit:
         index = torch.arange(n) if n <= size else torch.randperm(n, generator=self.rng)[:size]
         ws = self.ws[index].clone()
         if self.request.style_mixing:
-            z_mix = torch.randn(len(index), self.G.z_dim, generator=self.rng).to(ws.device)
+            z_mix = torch.randn(len(index), self.G.z_dim, generator=self.rng).to(ws.device)  # seeded CPU draw
             with torch.no_grad():
                 ws[:, self.plan.mix_from :] = self.G.mapping(z_mix)[:, self.plan.mix_from :]
         return index.to(ws.device), ws

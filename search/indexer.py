@@ -26,6 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.families.base import Sample, contact_sheet, get_family
 from modelzoo.registry.families.clip import ClipEncoder
+from modelzoo.registry.placement import load_model
 from modelzoo.registry.records import VersionInfo
 from modelzoo.registry.schema import Embedding, Model, Version
 from modelzoo.registry.store import Registry
@@ -165,14 +166,16 @@ def index_version(
     batch_size: int = 32,
     progress: IndexProgress | None = None,
     device: str = "cpu",
+    dtype: str | None = None,
 ) -> IndexedVersion:
-    """Sample, embed and store the moments of one version (skipped when already stored)."""
+    """Sample, embed and store the moments of one version (skipped when already stored); the version is
+    sampled on `device` in `dtype` (None: as stored), the encoder runs as it was loaded."""
     found = existing_embedding(registry, info.id, encoder.weights_hash, spec.hash)
     if found is not None:
         return IndexedVersion(info.ref, found, spec.count, 0.0, "", skipped=True)
     started = time.perf_counter()
     family = get_family(info.family)
-    model = family.load(registry, info.ref, device)
+    model = load_model(registry, info.ref, device, dtype)
     features: list[np.ndarray] = []
     kept: list[Sample] = []
     done = 0

@@ -106,7 +106,8 @@ def density_scores(batch: MomentBatch, query: np.ndarray, eps: float = DENSITY_E
     factor = batch.factor.double()  # (C, d, r)
     delta = q - batch.mean.double()  # (C, d)
     scaled = factor / a.unsqueeze(-1)  # A^-1 L
-    inner = torch.eye(factor.shape[-1], dtype=torch.float64) + factor.transpose(1, 2) @ scaled  # I + L^T A^-1 L
+    eye = torch.eye(factor.shape[-1], dtype=torch.float64, device=factor.device)
+    inner = eye + factor.transpose(1, 2) @ scaled  # I + L^T A^-1 L
     chol = torch.linalg.cholesky(inner)
     u = torch.einsum("cdr,cd->cr", scaled, delta).unsqueeze(-1)  # L^T A^-1 delta
     solved = torch.cholesky_solve(u, chol).squeeze(-1)

@@ -12,13 +12,15 @@ outputs of the float32 edit's, plus twice what the dtype alone changes in the un
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
-from cli_helpers import snapshot
+from cli_helpers import snapshot, zoo_cli
 from test_editor_memit import FACTS, SMALL, _save_tiny_lm
 from test_editor_warp import STRETCH
 
@@ -26,7 +28,7 @@ import modelzoo
 from modelzoo.editors.base import editor_names, get_editor
 from modelzoo.editors.requests import parse_request, request_json, validated
 from modelzoo.registry.errors import BadInput
-from modelzoo.registry.families.base import LoadedModel
+from modelzoo.registry.families.base import LoadedModel, get_family
 
 F64_TOLERANCE = 1e-3
 BF16_TOLERANCE = 0.15
@@ -205,4 +207,70 @@ def test_the_edit_in_another_dtype_does_what_the_float32_edit_does(
     noise = float((parent - parent32).norm())  # what the dtype alone changes in the unedited model
     tolerance = CASES[name].f64_tolerance if dtype == "float64" else BF16_TOLERANCE
     distance = float((edited - edited32).norm())
-    assert distance <= tolerance * effect + 2 * noise, f"distance {distance:.2e}, effect {effect:.2e}, noise {noise:.2e}"
+    assert distance <= tolerance * effect + 2 * noise, (distance, effect, noise)
+
+
+def test_every_tensor_the_editors_search_and_families_create_says_where_it_lives() -> None:
+    """torch.eye/randn/zeros/empty without `device=` put a tensor on the CPU beside a model that may be on a
+    GPU. Allowed: a comment on the line or the line above saying why (a seeded CPU draw, a CPU-side solve),
+    and the initial values of a module's parameters and buffers, which move with the module."""
+    root = Path(__file__).parent.parent
+    creation = re.compile(r"torch\.(eye|randn|zeros|empty)\(")
+    unexplained = []
+    for folder in ("editors", "search", "registry/families"):
+        for path in sorted((root / folder).rglob("*.py")):
+            lines = path.read_text().splitlines()
+            for i, line in enumerate(lines):
+                if not creation.search(line) or "device=" in line or "nn.Parameter(" in line:
+                    continue
+                if "register_buffer(" in line or "#" in line or (i and lines[i - 1].strip().startswith("#")):
+                    continue
+                unexplained.append(f"{path.relative_to(root)}:{i + 1}: {line.strip()}")
+    assert not unexplained, "\n".join(unexplained)
+
+
+# ---- the same battery over the family adapters and the CLI's placement flags ----------------------------
+
+PROMPTS = {"diffusion": "a cat", "lm": "The capital of France is", "gan": None}
+SAMPLE_OPTIONS: dict[str, dict[str, Any]] = {"diffusion": {"steps": 2}, "lm": {}, "gan": {}}
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("family", sorted(PROMPTS))
+def test_every_family_loads_and_samples_in_every_dtype(family: str, dtype: str, zoo: modelzoo.Zoo,
+                                                        sources: dict[str, Path]) -> None:
+    ref = _parent(zoo, sources, family)
+    model = zoo.load(ref, "cpu", dtype)
+    assert model.dtype == DTYPES[dtype]
+    assert set(get_family(family).editable_tensors(model)) <= set(model.named_tensors())
+    first, again = (zoo.sample(ref, [0, 1], PROMPTS[family], dtype=dtype, **SAMPLE_OPTIONS[family]) for _ in range(2))
+    assert len(first) == 2
+    for a, b in zip(first, again, strict=True):
+        assert a.text == b.text and (a.image is None) == (b.image is None)
+        assert a.image is None or np.array_equal(a.image, b.image)
+
+
+def test_an_edit_in_bfloat16_stores_its_child_in_the_parents_dtype(capsys: pytest.CaptureFixture[str], home: Path,
+                                                                    sd_dir: Path) -> None:
+    assert zoo_cli(capsys, home, "import", str(sd_dir), "--name", "sd").code == 0
+    result = zoo_cli(capsys, home, "edit", "uce", "sd", "--erase", "cat", "--dtype", "bfloat16", "--json")
+    assert result.code == 0, result.err
+    zoo = modelzoo.open(home)
+    changed = zoo.diff("sd@1", "sd@2").changed
+    assert changed and all(zoo.tensors("sd@2", [c.tensor])[c.tensor].dtype == torch.float32 for c in changed)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dtype", "float8"], "unknown dtype"),
+    (["--device", "tpu:0"], "device"),
+    *([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA device")]),
+])
+def test_a_placement_that_cannot_be_had_exits_2_and_registers_nothing(
+    capsys: pytest.CaptureFixture[str], home: Path, sd_dir: Path, flags: list[str], message: str
+) -> None:
+    assert zoo_cli(capsys, home, "import", str(sd_dir), "--name", "sd").code == 0
+    before = snapshot(home)
+    result = zoo_cli(capsys, home, "edit", "uce", "sd", "--erase", "cat", *flags)
+    assert result.code == 2 and message in result.err and len(result.err.strip().splitlines()) == 1
+    assert snapshot(home) == before
+    assert zoo_cli(capsys, home, "sample", "sd", "--prompt", "a cat", "--n", "1", *flags).code == 2

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from modelzoo.cli.edit._shared import render_child, request_from
+from modelzoo.cli.options import Device, Dtype
 from modelzoo.cli.output import emit, step_progress
 from modelzoo.registry.errors import BadInput
 
@@ -40,6 +41,8 @@ def _command_for(ep: EntryPoint) -> Any:
             "-o", "--option", help="A request field as key=value (repeat for each field or list item).")] = None,
         request: Annotated[Path | None, typer.Option(help="JSON file with any of the request's fields.")] = None,
         name: Annotated[str | None, typer.Option(help="Register the child under this model name.")] = None,
+        device: Device = "cpu",
+        dtype: Dtype = "stored",
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
     ) -> None:
         from modelzoo.cli.main import State
@@ -49,7 +52,8 @@ def _command_for(ep: EntryPoint) -> Any:
             raise BadInput(f"editor {ep.name!r} ({ep.value}) names no request dataclass as `request_type`")
         req = request_from(request_type, request, parse_options(request_type, option or []), f"{ep.name} request")
         with step_progress(f"{ep.name} edit", quiet=as_json) as progress:
-            info = State.zoo().edit(ref, ep.name, req, name=name, progress=progress)
+            info = State.zoo().edit(ref, ep.name, req, name=name, device=device, dtype=dtype,
+                                     progress=progress)
         emit(info, as_json, render_child)
 
     return command

@@ -9,6 +9,7 @@ import typer
 
 from modelzoo.cli.edit import edit_app
 from modelzoo.cli.edit._shared import render_child, request_from
+from modelzoo.cli.options import Device, Dtype
 from modelzoo.cli.output import emit, step_progress
 
 
@@ -16,6 +17,10 @@ from modelzoo.cli.output import emit, step_progress
 def esd(
     ref: str,
     erase: Annotated[list[str] | None, typer.Option(help="Concept to erase (repeatable; one drawn per step).")] = None,
+    template: Annotated[list[str] | None, typer.Option(
+        help="Text holding '{}' for the concept, e.g. 'a {} circle' (repeatable; one drawn per step).")] = None,
+    preserve: Annotated[list[str] | None, typer.Option(
+        help="Concept to keep as the original draws it (repeatable; not in the paper).")] = None,
     train_method: Annotated[str | None, typer.Option(help="xattn | noxattn | selfattn | full | strict.")] = None,
     iterations: Annotated[int | None, typer.Option(help="Optimisation steps (1000).")] = None,
     eta: Annotated[float | None, typer.Option(help="Negative guidance scale (1).")] = None,
@@ -23,10 +28,12 @@ def esd(
     batch_size: Annotated[int | None, typer.Option(help="Samples per step (1).")] = None,
     ddim_steps: Annotated[int | None, typer.Option(help="DDIM steps of the x_t sampler (50).")] = None,
     start_guidance: Annotated[float | None, typer.Option(help="Guidance of the x_t sampler (3).")] = None,
-    sampler: Annotated[str | None, typer.Option(help="edited (paper) | frozen: which model draws x_t.")] = None,
+    sampler: Annotated[str | None, typer.Option(help="frozen | edited (paper): which model draws x_t.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the noise and the drawn steps.")] = None,
     request: Annotated[Path | None, typer.Option(help="JSON file with any EsdRequest fields.")] = None,
     name: Annotated[str | None, typer.Option(help="Register the child under this model name.")] = None,
+    device: Device = "cpu",
+    dtype: Dtype = "stored",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Fine-tune the UNet away from a concept (ESD) and register the child version; Ctrl-C registers nothing."""
@@ -34,10 +41,10 @@ def esd(
     from modelzoo.editors.esd import EsdRequest
 
     req = request_from(EsdRequest, request, {
-        "erase": erase, "train_method": train_method, "iterations": iterations, "eta": eta, "lr": lr,
-        "batch_size": batch_size, "ddim_steps": ddim_steps, "start_guidance": start_guidance, "sampler": sampler,
-        "seed": seed,
+        "erase": erase, "templates": template, "preserve": preserve, "train_method": train_method,
+        "iterations": iterations, "eta": eta, "lr": lr, "batch_size": batch_size, "ddim_steps": ddim_steps,
+        "start_guidance": start_guidance, "sampler": sampler, "seed": seed,
     }, "ESD request")
     with step_progress(f"esd {ref}", quiet=as_json) as progress:
-        info = State.zoo().edit(ref, "esd", req, name=name, progress=progress)
+        info = State.zoo().edit(ref, "esd", req, name=name, device=device, dtype=dtype, progress=progress)
     emit(info, as_json, render_child)

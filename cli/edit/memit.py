@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from modelzoo.cli.edit import edit_app
+from modelzoo.cli.options import Device, Dtype
 from modelzoo.cli.output import console, emit, step_progress
 from modelzoo.editors.lm_requests import FactRequest, load_requests, request_from_json
 from modelzoo.registry.errors import BadInput
@@ -78,7 +79,8 @@ def memit(
     method: Annotated[str, typer.Option(help="memit or alphaedit.")] = "memit",
     hparam: Annotated[list[str] | None, typer.Option(help="Any hyperparameter, key=value (repeatable).")] = None,
     name: Annotated[str | None, typer.Option(help="Register the child under this model name.")] = None,
-    device: Annotated[str, typer.Option(help="torch device, e.g. cuda.")] = "cpu",
+    device: Device = "cpu",
+    dtype: Dtype = "stored",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Write facts into a language model with MEMIT (or AlphaEdit) and register the result."""
@@ -96,5 +98,5 @@ def memit(
         hparams=parse_hparams(hparam),
     )
     with step_progress(f"{method} {info.ref}", quiet=as_json) as progress:
-        child = zoo.edit(info.ref, method, request, name=name, device=device, progress=progress)
+        child = zoo.edit(info.ref, method, request, name=name, device=device, dtype=dtype, progress=progress)
     emit(child, as_json, _render)

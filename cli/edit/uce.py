@@ -10,6 +10,7 @@ import typer
 
 from modelzoo.cli.edit import edit_app
 from modelzoo.cli.edit._shared import render_child, request_from
+from modelzoo.cli.options import Device, Dtype
 from modelzoo.cli.output import emit, step_progress
 
 if TYPE_CHECKING:
@@ -42,6 +43,8 @@ def uce(
     samples: Annotated[int | None, typer.Option(help="Debias images per prompt and iteration (10).")] = None,
     request: Annotated[Path | None, typer.Option(help="JSON file with any UceRequest fields.")] = None,
     name: Annotated[str | None, typer.Option(help="Register the child under this model name.")] = None,
+    device: Device = "cpu",
+    dtype: Dtype = "stored",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Edit cross-attention keys and values in closed form (UCE) and register the child version."""
@@ -61,7 +64,7 @@ def uce(
     if req.mode == "debias":
         req = _with_reader(req, zoo)
     with step_progress(f"uce {ref}", quiet=as_json) as progress:
-        info = zoo.edit(ref, "uce", req, name=name, progress=progress)
+        info = zoo.edit(ref, "uce", req, name=name, device=device, dtype=dtype, progress=progress)
     emit(info, as_json, render_child)
 
 

@@ -26,6 +26,7 @@ from PIL import Image
 
 from modelzoo.cli.edit import edit_app
 from modelzoo.cli.edit._shared import read_json_object
+from modelzoo.cli.options import Device, Dtype
 from modelzoo.cli.output import console, emit, step_progress
 from modelzoo.editors.warp import WarpRequest
 from modelzoo.registry.errors import BadInput
@@ -98,7 +99,8 @@ def warp(
     grid: Annotated[Path | None, typer.Option(help="Before/after PNG (default samples/NAME-vN-warp.png).")] = None,
     preview_seed: Annotated[int, typer.Option(help="First unseen seed shown in the grid.")] = 10_000,
     preview_n: Annotated[int, typer.Option(help="Number of unseen seeds in the grid.")] = 8,
-    device: Annotated[str, typer.Option(help="torch device, e.g. cuda.")] = "cpu",
+    device: Device = "cpu",
+    dtype: Dtype = "stored",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Warp a few samples of a GAN and rewrite the generator so that all its samples follow."""
@@ -115,10 +117,10 @@ def warp(
     zoo = State.zoo()
     info = zoo.get(ref)
     with step_progress(f"warp {info.ref}", quiet=as_json) as progress:
-        child = zoo.edit(info.ref, "warp", warp_request, name=name, device=device, progress=progress)
+        child = zoo.edit(info.ref, "warp", warp_request, name=name, device=device, dtype=dtype, progress=progress)
     path = grid if grid is not None else Path("samples") / f"{child.model}-v{child.number}-warp.png"
-    before = [s.image for s in zoo.sample(info.ref, seeds, device=device)]
-    after = [s.image for s in zoo.sample(child.ref, seeds, device=device)]
+    before = [s.image for s in zoo.sample(info.ref, seeds, device=device, dtype=dtype)]
+    after = [s.image for s in zoo.sample(child.ref, seeds, device=device, dtype=dtype)]
     path.parent.mkdir(parents=True, exist_ok=True)
     before_after([im for im in before if im is not None], [im for im in after if im is not None]).save(path)
     emit(WarpReport(version=child, grid=str(path), preview_seeds=seeds), as_json, _render)

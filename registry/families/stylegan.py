@@ -269,7 +269,7 @@ class MappingNetwork(nn.Module):
     def estimate_w_avg(self, num_samples: int = 10_000, seed: int = 0) -> None:
         """Set w_avg to the mean w of `num_samples` seeded z, for a generator that did not track it."""
         generator = torch.Generator().manual_seed(seed)
-        z = torch.randn(num_samples, self.z_dim, generator=generator).to(self.w_avg)
+        z = torch.randn(num_samples, self.z_dim, generator=generator).to(self.w_avg)  # seeded CPU draw
         self.w_avg.copy_(self.embed(z).mean(dim=0))
 
 
