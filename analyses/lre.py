@@ -217,9 +217,12 @@ def _pairs(encs: Sequence[Encoded]) -> list[tuple[Encoded, Encoded]]:
     return pairs
 
 
-def _causality(parts: LmParts, pairs: Sequence[tuple[Encoded, Encoded]], layer: int, W_pinv: Tensor) -> float:
-    hits = [_edited_answer(parts, a, layer, W_pinv @ (b.z - a.z)) == b.target for a, b in pairs]
+def _share(hits: Sequence[bool]) -> float:
     return sum(hits) / len(hits) if hits else 0.0
+
+
+def _causality(parts: LmParts, pairs: Sequence[tuple[Encoded, Encoded]], layer: int, W_pinv: Tensor) -> float:
+    return _share([_edited_answer(parts, a, layer, W_pinv @ (b.z - a.z)) == b.target for a, b in pairs])
 
 
 class LreAnalyzer:
@@ -302,17 +305,16 @@ class LreAnalyzer:
         translation = [_top1(parts, e.h[layer] + shift) == e.answer for e in test]
         test_pairs = _pairs(test)
         causality = _causality(parts, test_pairs, layer, pinv_rank(W, rank))
-        share = lambda hits: sum(hits) / len(hits) if hits else 0.0  # noqa: E731
         metrics = {
             "relation": relation,
             "layer": layer,
             "beta": beta,
             "rank": rank,
-            "faithfulness": share(faithful),
+            "faithfulness": _share(faithful),
             "causality": causality,
             "tested": len(test),
             "causality_tested": len(test_pairs),
-            "baselines": {"identity": share(identity), "translation": share(translation)},
+            "baselines": {"identity": _share(identity), "translation": _share(translation)},
             "known": len(known),
             "facts": len(facts),
             "train_subjects": [f.subject for f in train_facts],
