@@ -257,8 +257,8 @@ class Zoo:
         return lineage_queries.diff(self.registry, a, b)
 
     def export(self, ref: str, out: str | Path, progress: Progress | None = None, format: str = "native") -> Path:
-        """Write a version as its library's folder ("native"), or a factored child as a LoRA adapter of its
-        parent ("lora")."""
+        """Write a version as its library's folder ("native"), a factored child as a LoRA adapter of its
+        parent ("lora"), or a diffusion pipeline as one original-layout safetensors file ("single-file")."""
         return export_version(self.registry, ref, Path(out), progress, format)
 
     def verify(self, ref: str | None = None) -> VerifyReport:

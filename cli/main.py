@@ -88,7 +88,8 @@ def import_(
     path: Path,
     name: Annotated[str, typer.Option("--name", help="Model name; an existing name gets its next version.")],
     family: Annotated[str | None, typer.Option(help="diffusion | lm | gan (inferred when possible).")] = None,
-    config: Annotated[Path | None, typer.Option(help="JSON config for a single weights file.")] = None,
+    config: Annotated[Path | None, typer.Option(
+        help="JSON config for a single weights file; a diffusers folder for a single-file SD checkpoint.")] = None,
     tag: Annotated[list[str] | None, typer.Option(help="key=value label (repeatable).")] = None,
     base: Annotated[str | None, typer.Option(help="Parent version (REF), or 'auto' for the best match.")] = None,
     relation: Annotated[str | None, typer.Option(
@@ -228,7 +229,8 @@ def export(
     out: Path,
     format: Annotated[str, typer.Option(
         "--format", help="native: the merged model (from_pretrained); lora: a factored child as an adapter "
-        "of its parent (PEFT folder for an LM, diffusers LoRA file for diffusion).")] = "native",
+        "of its parent (PEFT folder for an LM, diffusers LoRA file for diffusion); single-file: a diffusion "
+        "pipeline as one safetensors file in the original SD layout (OUT is the file).")] = "native",
 ) -> None:
     """Write a version as a folder that diffusers/transformers load with from_pretrained, or as a LoRA adapter."""
     with byte_progress(f"exporting {ref}") as progress:

@@ -21,6 +21,7 @@ from modelzoo.registry.lineage import lineage
 from modelzoo.registry.paths import check_relative_path, join_inside, output_folder
 from modelzoo.registry.records import VersionInfo
 from modelzoo.registry.safetensors_io import write_tensors
+from modelzoo.registry.single_file import single_file_tensors
 from modelzoo.registry.store import Progress, Registry
 
 CARD = "README.md"
@@ -31,15 +32,18 @@ def export_version(
 ) -> Path:
     """Write into a temporary sibling folder, then rename: an interrupted export leaves no half folder.
 
-    `format`: "native" (the merged model, loadable by from_pretrained) or "lora" (a factored child as an
-    adapter of its parent, see `registry/adapters.py`)."""
+    `format`: "native" (the merged model, loadable by from_pretrained), "lora" (a factored child as an
+    adapter of its parent, see `registry/adapters.py`) or "single-file" (a diffusion pipeline as one
+    safetensors file in the original LDM layout, see `registry/single_file.py`; `out` is that file)."""
     out = Path(out)
+    if format == "single-file":
+        return _export_file(out, single_file_tensors(registry, ref))
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BadInput(f"export target {out} already exists and is not an empty folder")
     if format == "lora":
         return _export_files(out, adapter_files(registry, ref))
     if format != "native":
-        raise BadInput(f"unknown export format {format!r}: native or lora")
+        raise BadInput(f"unknown export format {format!r}: native, lora or single-file")
     info = registry.info(ref)
     weight_files = info.config.get("weight_files", {"": "model.safetensors"})
     if not isinstance(weight_files, dict) or not all(isinstance(v, str) for v in weight_files.values()):
@@ -117,6 +121,22 @@ def _export_files(out: Path, files: dict[str, bytes | dict[str, torch.Tensor]]) 
             else:
                 with open(target, "wb") as f:
                     write_tensors(f, content, metadata={"format": "pt"})
+    return out
+
+
+def _export_file(out: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """One safetensors file written under a temporary sibling name and renamed into place."""
+    if out.exists() or out.is_symlink():
+        raise BadInput(f"export target {out} already exists")
+    output_folder(out.parent, "export file's folder")
+    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(staging, "wb") as f:
+            write_tensors(f, {k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
+        os.replace(staging, out)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
     return out
 
 

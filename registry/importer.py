@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from modelzoo.registry import adapters
+from modelzoo.registry import adapters, single_file
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.families.base import get_family
 from modelzoo.registry.files import open_regular
@@ -52,6 +52,12 @@ def import_path(
     if adapters.adapter_format(Path(path)) is not None:
         return import_adapter(registry, Path(path), name, base=base, family=family, relation=relation,
                               tags=tags, description=description, follow_symlinks=follow_symlinks)
+    if family in (None, "diffusion") and single_file.is_single_file_checkpoint(Path(path)):
+        with single_file.converted(registry, Path(path), config_path) as converted:
+            return register_source(
+                registry, converted, name, tags=tags, base=base, relation=relation or "finetune",
+                description=description, allow_nonfinite=allow_nonfinite, progress=progress,
+            )
     source = read_source(path, family=family, config_path=config_path, follow_symlinks=follow_symlinks)
     return register_source(
         registry, source, name, tags=tags, base=base, relation=relation or "finetune", description=description,
