@@ -299,3 +299,28 @@ def test_a_placement_that_cannot_be_had_exits_2_and_registers_nothing(
     assert result.code == 2 and message in result.err and len(result.err.strip().splitlines()) == 1
     assert snapshot(home) == before
     assert zoo_cli(capsys, home, "sample", "sd", "--prompt", "a cat", "--n", "1", *flags).code == 2
+
+
+@pytest.mark.parametrize("dtype", ["float64", "bfloat16"])
+def test_the_indexer_samples_in_another_dtype_to_the_float32_moments(dtype: str, tmp_path: Path,
+                                                                      tiny_gan_dir: Path) -> None:
+    """The version is sampled in `dtype`; its CLIP features' mean stays that of float32 sampling."""
+    from sqlalchemy import select
+
+    from modelzoo.demo.train_clip import CLIP_CONFIG
+    from modelzoo.registry.families.clip import build_clip, save_clip
+    from modelzoo.registry.schema import Embedding
+    from modelzoo.search.indexer import decode_moments
+
+    torch.manual_seed(0)
+    clip_dir = save_clip(build_clip(CLIP_CONFIG.model_cfg), CLIP_CONFIG, tmp_path / "clip")
+    means = {}
+    for run in ("float32", dtype):
+        zoo = modelzoo.open(tmp_path / run)
+        zoo.import_(clip_dir, name="clip")
+        zoo.import_(tiny_gan_dir, name="gan")
+        (done,) = zoo.index(["gan"], encoder="zoo:clip", samples=8, rank=2, dtype=run)
+        with zoo.registry.db.read() as session:
+            means[run] = decode_moments(session.scalars(select(Embedding)).one()).mean
+    distance = np.linalg.norm(means[dtype] - means["float32"]) / np.linalg.norm(means["float32"])
+    assert distance < (1e-4 if dtype == "float64" else 0.05), distance
