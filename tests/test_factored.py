@@ -127,3 +127,23 @@ def test_export_writes_the_merged_tensor(zoo, home, gpt2_dir):
     child = zoo.commit(base.ref, {W: change(6)}, method="lowrank")
     out = zoo.export(child.ref, home.parent / "exported")
     assert torch.equal(load_file(out / "model.safetensors")[W], zoo.tensors(child.ref)[W])
+
+
+@pytest.mark.postgres
+def test_factored_chains_load_verify_and_gc_on_postgres(home, gpt2_dir, pg_database):
+    import modelzoo
+
+    zoo = modelzoo.open(home, pg_database)
+    base = zoo.import_(gpt2_dir, "gpt2")
+    child = zoo.commit(base.ref, {W: change(20)}, method="lowrank")
+    grandchild = zoo.commit(child.ref, {W: change(21)}, method="lowrank")
+    expected = zoo.tensors(base.ref)[W].double() + sum(
+        0.5 * c.B.double() @ c.A.double() for c in (change(20), change(21)))
+    assert torch.allclose(zoo.tensors(grandchild.ref)[W].double(), expected, atol=1e-4)
+    assert zoo.gc(grace_s=0).blobs_removed == 0 and zoo.verify().ok
+    assert [h.ref for h in zoo.find(_factor_sha(zoo, zoo.registry.manifest(child.ref)[("tensor", W)].sha256))
+            if h.kind == "factor"] == [child.ref]
+    zoo.delete(grandchild.ref)
+    assert zoo.gc(purge_deleted=True, grace_s=0).blobs_removed == 3
+    assert torch.allclose(zoo.tensors(child.ref)[W], zoo.tensors(base.ref)[W] + 0.5 * change(20).B @ change(20).A,
+                          atol=1e-5)
