@@ -14,7 +14,7 @@ from typing import Literal
 import pytest
 import torch
 
-from modelzoo.cli.edit._plugins import parse_options
+from modelzoo.cli.edit._plugins import fields_help, parse_options
 from modelzoo.registry.errors import BadInput
 
 PLUGIN = '''
@@ -72,6 +72,10 @@ def test_an_installed_plugin_editor_registers_a_child_from_the_cli(tmp_path, gpt
     assert torch.equal(zoo.tensors(child["ref"])[tensor], zoo.tensors(parent.ref)[tensor] * 0.25)
     assert [c.tensor for c in zoo.diff(parent.ref, child["ref"]).changed] == [tensor]
 
+    shown = _zoo(site, home, "edit", "scale", "--help")
+    assert shown.returncode == 0 and "tensor (str; default 'required')" in shown.stdout
+    assert "factor (float; default 0.5)" in shown.stdout
+
     refused = _zoo(site, home, "edit", "scale", parent.ref, "-o", "factor=big")
     assert refused.returncode == 2 and refused.stderr.startswith("error: ") and "factor" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
@@ -82,6 +86,8 @@ def test_an_installed_plugin_editor_registers_a_child_from_the_cli(tmp_path, gpt
 class _Request:
     name: str
     steps: int = 3
+    """How many steps
+    to take."""
     lr: float = 0.1
     enabled: bool = False
     words: tuple[str, ...] = ()
@@ -116,3 +122,9 @@ def test_a_single_valued_option_given_twice_is_refused():
 def test_the_plugin_tested_here_is_the_readme_example_verbatim():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert f"```python\n{PLUGIN.strip()}\n```" in readme
+
+
+def test_the_help_lists_each_field_with_its_type_default_and_docstring():
+    text = fields_help(_Request)
+    assert "steps (int; default 3): How many steps to take." in text
+    assert "name (str; default 'required')" in text and "handle" not in text

@@ -8,15 +8,19 @@ Only the entry point's name is read when the CLI starts: a plugin is imported wh
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
+import textwrap
 import types
 import typing
-from dataclasses import fields, is_dataclass
+from dataclasses import MISSING, fields, is_dataclass
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
 from modelzoo.cli.edit._shared import render_child, request_from
 from modelzoo.cli.options import Device, Dtype
@@ -30,8 +34,55 @@ def register_plugin_editors(app: typer.Typer) -> None:
     taken = {command.name for command in app.registered_commands}
     for ep in sorted(entry_points(group="modelzoo.editors"), key=lambda e: e.name):
         if ep.name not in taken:
-            app.command(ep.name, help=f"Edit with the `{ep.name}` editor ({ep.value}); its request's fields as "
-                                      "-o key=value or in --request FILE.json.")(_command_for(ep))
+            app.command(ep.name, cls=_command_class(ep),
+                        help=f"Edit with the `{ep.name}` editor ({ep.value}); its request's fields as "
+                             "-o key=value or in --request FILE.json.")(_command_for(ep))
+
+
+def _command_class(ep: EntryPoint) -> type[TyperCommand]:
+    """A command whose help ends with the request's fields, read from the plugin only when help is shown."""
+
+    class PluginCommand(TyperCommand):
+        @property  # type: ignore[override]
+        def epilog(self) -> str | None:
+            request_type = getattr(ep.load(), "request_type", None)
+            return fields_help(request_type) if is_dataclass(request_type) and isinstance(request_type, type) else None
+
+        @epilog.setter
+        def epilog(self, value: str | None) -> None:
+            pass
+
+    return PluginCommand
+
+
+def fields_help(request_type: type) -> str:
+    """Each field `-o` can set: its name, type, default and the docstring written under it."""
+    docs = _field_docstrings(request_type)
+    hints = typing.get_type_hints(request_type)
+    rows = []
+    for f in fields(request_type):
+        if not f.metadata.get("provenance", True):
+            continue
+        default = (f.default if f.default is not MISSING
+                   else f.default_factory() if f.default_factory is not MISSING else "required")
+        type_name = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
+        rows.append(f"{f.name} ({type_name}; default {default!r})" + (f": {docs[f.name]}" if f.name in docs else ""))
+    return "\n\n".join([f"Fields of {request_type.__name__}:", *rows])
+
+
+def _field_docstrings(cls: type) -> dict[str, str]:
+    """The string literal under each annotated field (Python keeps none of them at run time)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    return {
+        node.target.id: " ".join(after.value.value.split())
+        for node, after in zip(body, body[1:], strict=False)
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+        and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)
+    }
 
 
 def _command_for(ep: EntryPoint) -> Any:
