@@ -203,7 +203,27 @@ def adapter_changes(model: LoadedModel, source: AdapterSource, stored: set[str])
     if len(changes) != expected:
         raise BadInput(f"{source.path} holds {expected} LoRA pairs but only {len(changes)} fit modules of "
                        f"{model.ref}: its target modules do not match the base")
+    if source.format == "kohya":
+        scales = _kohya_scales(model, source.parts[""].tensors)
+        changes = {n: dataclasses.replace(c, scale=scales.get(n, c.scale)) for n, c in changes.items()}
     return changes
+
+
+def _kohya_scales(model: LoadedModel, tensors: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """kohya's rule, alpha / r for each module from its own `.alpha`, by registry tensor name.
+
+    diffusers applies one most-common alpha to every module of an SD 1.x kohya file (its per-module
+    alpha patterns name no module it targets), so each layer's scale is set here from the file itself."""
+    scales: dict[str, float] = {}
+    for component, prefix in (("unet", "lora_unet_"), ("text_encoder", "lora_te_")):
+        module = model.modules.get(component)
+        for path, _ in module.named_modules() if module is not None else ():
+            for named in (path, f"text_model.{path}"):  # newer transformers flatten CLIP's `text_model.`
+                name = prefix + named.replace(".", "_")
+                alpha, down = tensors.get(f"{name}.alpha"), tensors.get(f"{name}.lora_down.weight")
+                if alpha is not None and down is not None and alpha.numel() == 1:
+                    scales[tensor_name(component, f"{path}.weight")] = float(alpha) / down.shape[0]
+    return scales
 
 
 def _component_for(model: LoadedModel, component: str, part: AdapterPart) -> nn.Module:

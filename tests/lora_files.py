@@ -46,9 +46,9 @@ def save_diffusers_sd_lora(directory: Path, seed: int = 1, rank: int = 2, alpha:
     return directory / "pytorch_lora_weights.safetensors"
 
 
-def kohya_sd_lora(seed: int = 2, rank: int = 2) -> dict[str, torch.Tensor]:
+def kohya_sd_lora(seed: int = 2, rank: int = 2, alphas: tuple[float, ...] = (3.0,)) -> dict[str, torch.Tensor]:
     """kohya / A1111 keys (`lora_unet_*`, `lora_te_*`, each pair with its `.alpha`) for the tiny pipeline's
-    attention projections; alphas differ per module, so a wrong scale rule shows."""
+    attention projections, the modules' alphas taken in turn from `alphas`."""
     pipe = tiny_sd_pipeline()
     g = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
@@ -57,10 +57,12 @@ def kohya_sd_lora(seed: int = 2, rank: int = 2) -> dict[str, torch.Tensor]:
         for i, (path, layer) in enumerate(module.named_modules()):
             if not any(path.endswith("." + t) for t in targets):
                 continue
-            name = prefix + path.replace(".", "_")
+            # the original names keep CLIPTextModel's `text_model.` level, which newer transformers flatten
+            named = f"text_model.{path}" if prefix == "lora_te_" and not path.startswith("text_model.") else path
+            name = prefix + named.replace(".", "_")
             tensors[f"{name}.lora_down.weight"] = torch.randn(rank, layer.in_features, generator=g) * 0.3
             tensors[f"{name}.lora_up.weight"] = torch.randn(layer.out_features, rank, generator=g) * 0.3
-            tensors[f"{name}.alpha"] = torch.tensor(float(1 + i % 3))
+            tensors[f"{name}.alpha"] = torch.tensor(alphas[i % len(alphas)])
     return tensors
 
 

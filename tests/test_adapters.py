@@ -99,6 +99,23 @@ def test_peft_folder_per_component_adapts_that_component_of_a_pipeline(zoo, sd_d
         assert relative_error(mine, theirs) < 1e-4
 
 
+def test_kohya_alphas_scale_each_module_by_its_own_alpha_over_rank(zoo, sd_dir, tmp_path):
+    from lora_files import kohya_sd_lora
+
+    tensors = kohya_sd_lora(alphas=(1.0, 2.0, 4.0))
+    save_file(tensors, tmp_path / "mixed.safetensors")
+    base = zoo.import_(sd_dir, "sd")
+    child = zoo.import_(tmp_path / "mixed.safetensors", "sd-mixed", base=base.ref)
+    for kohya, tensor in (("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_k",
+                           "unet/down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k.weight"),
+                          ("lora_te_text_model_encoder_layers_1_self_attn_v_proj",
+                           "text_encoder/text_model.encoder.layers.1.self_attn.v_proj.weight")):
+        up, down, alpha = (tensors[f"{kohya}.{k}"] for k in ("lora_up.weight", "lora_down.weight", "alpha"))
+        stored_name = tensor if tensor in zoo.tensors(base.ref) else tensor.replace("text_model.", "")
+        expected = zoo.tensors(base.ref)[stored_name] + float(alpha) / down.shape[0] * up @ down
+        assert relative_error(zoo.tensors(child.ref)[stored_name], expected) < 1e-6, kohya
+
+
 def _edited(adapter: Path, out: Path, edit) -> Path:  # type: ignore[no-untyped-def]
     out.mkdir()
     (out / "adapter_config.json").write_bytes((adapter / "adapter_config.json").read_bytes())
