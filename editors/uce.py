@@ -220,6 +220,7 @@ def _low_rank(rows: ConceptRows, M: torch.Tensor, W0: dict[str, torch.Tensor]) -
     U = (rows.G - rows.C).double().T.cpu()
     if not W0 or 2 * U.shape[1] >= min(min(w.shape) for w in W0.values()):
         return {}
+    # on the CPU, where the registry keeps the factors
     V = torch.linalg.lstsq(U, M.double().cpu() - torch.eye(U.shape[0], dtype=torch.float64)).solution
     dtype = torch.promote_types(next(iter(W0.values())).dtype, torch.float32)
     A = V.to(dtype).contiguous()

@@ -88,7 +88,11 @@ class AdapterSource:
 def adapter_format(path: Path) -> str | None:
     """The adapter format `path` holds, or None when it is not an adapter (a model to import as such)."""
     if path.is_dir():
-        if (path / PEFT_CONFIG).is_file() or any((p / PEFT_CONFIG).is_file() for p in path.iterdir() if p.is_dir()):
+        if (path / PEFT_CONFIG).is_file():
+            return "peft"
+        if (path / "model_index.json").exists() or (path / "config.json").exists():
+            return None  # a model folder, whatever its component folders hold
+        if any((p / PEFT_CONFIG).is_file() for p in path.iterdir() if p.is_dir()):
             return "peft"
         weights = path / DIFFUSERS_WEIGHTS
         if weights.is_symlink():  # not read here: the folder walk of `read_adapter` decides whether it may be
