@@ -64,7 +64,7 @@ import torch
 import modelzoo
 from modelzoo.analyses.fv import FvRequest, Trial, answer_scores, prompt, read_pairs, task_path, zero_shot_trials
 from modelzoo.analyses.lm import lm_parts
-from modelzoo.analyses.lre import LreRequest, fact_from_json
+from modelzoo.analyses.lre import LreRequest, read_facts
 from modelzoo.demo.real_facts import DEFAULT_FILE, load
 from modelzoo.editors.fv import FvBake
 from modelzoo.registry.analyses import data_hash
@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="*", default=None)
     parser.add_argument("--head-counts", type=int, nargs="*", default=[5, 10, 20])
     parser.add_argument("--train", type=int, default=8)
+    parser.add_argument("--facts", type=Path, default=DEFAULT_FILE, help="lre: the facts (MEMIT requests read too)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--scale", type=float, default=1.0, help="bake: the multiple of each vector")
     args = parser.parse_args()
@@ -99,7 +100,7 @@ def main() -> None:
     if args.part == "icl":
         icl(zoo, ref, args.tasks, args.seed)
     elif args.part == "lre":
-        facts = [fact_from_json(row, "real_facts") for row in load(DEFAULT_FILE)]
+        facts = read_facts(args.facts)
         random.Random(args.seed).shuffle(facts)
         for relation in args.relations:
             request = LreRequest(facts=tuple(facts), relation=relation, train=args.train,

@@ -1,4 +1,5 @@
-"""The function-vector tasks shipped in analyses/tasks/, generated offline.
+"""The function-vector tasks shipped in analyses/tasks/, and the LRE facts of every country in
+demo/country_facts.jsonl (the four relations' prompts of `demo/real_facts.py`), generated offline.
 
 - country -> capital, language, currency and continent, from the real fact set's countries
   (`demo/real_facts.py` COUNTRIES);
@@ -7,7 +8,7 @@
   packages the task names, wordfreq and inflect, are not installed here; singular -> plural is left out
   for the same reason).
 
-    python -m modelzoo.demo.fv_tasks          # rewrites analyses/tasks/*.jsonl
+    python -m modelzoo.demo.fv_tasks          # rewrites analyses/tasks/*.jsonl and demo/country_facts.jsonl
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import random
 from pathlib import Path
 
-from modelzoo.demo.real_facts import COUNTRIES
+from modelzoo.demo.real_facts import COUNTRIES, RELATIONS
 
 ANTONYMS = (
     ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("light", "dark"), ("up", "down"),
@@ -35,6 +36,7 @@ ANTONYMS = (
     ("sharp", "dull"), ("tight", "loose"), ("wild", "tame"), ("simple", "complex"),
 )
 TASKS_DIR = Path(__file__).resolve().parent.parent / "analyses" / "tasks"
+FACTS_FILE = Path(__file__).with_name("country_facts.jsonl")
 
 
 def tasks() -> dict[str, list[tuple[str, str]]]:
@@ -57,6 +59,9 @@ def main() -> None:
         random.Random(0).shuffle(pairs)  # an analysis tests on the last pairs: not all obscure countries
         lines = [json.dumps({"input": x, "output": y}) for x, y in pairs]
         (TASKS_DIR / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    facts = [{"relation": r.id, "prompt": r.prompt, "subject": row[0], "object": row[r.column]}
+             for r in RELATIONS for row in COUNTRIES]
+    FACTS_FILE.write_text("".join(json.dumps(f) + "\n" for f in facts))
 
 
 if __name__ == "__main__":
