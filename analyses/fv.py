@@ -162,7 +162,7 @@ def patch_heads(parts: LmParts, a: Tensor, rows: Sequence[tuple[int, int]]) -> A
             return x
         x = x.clone()
         for r, layer, head in by_name[name]:
-            x[r, -1, head * d:(head + 1) * d] = a[layer, head].to(x.dtype)
+            x[r, -1, head * d:(head + 1) * d] = a[layer, head].to(x)
         return x
 
     return edit
@@ -210,7 +210,7 @@ def answer_scores(parts: LmParts, trials: Sequence[Trial], layer: int | None = N
     after block `layer` at the last token when given."""
     def add(name: str, output: Any) -> Any:
         hidden = residual(output).clone()
-        hidden[:, -1] += vector.to(hidden.dtype)  # type: ignore[union-attr]
+        hidden[:, -1] += vector.to(hidden)  # type: ignore[union-attr]
         return with_residual(output, hidden)
 
     hits, p = 0, 0.0

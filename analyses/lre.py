@@ -191,7 +191,7 @@ def _edited_answer(parts: LmParts, enc: Encoded, layer: int, delta: Tensor) -> i
 
     def add(name: str, output: Any) -> Any:
         hidden = residual(output).clone()
-        hidden[0, 0] += delta.to(hidden.dtype)
+        hidden[0, 0] += delta.to(hidden)
         return with_residual(output, hidden)
 
     with trace(parts.lm, source, edit_output=add, retain_output=False):
