@@ -41,6 +41,17 @@ models trained with seeds 3-5, squares and triangles, and checked in the tests o
   colour kept at 97-100%; at 400 steps one model kept blue at 75%, and at lr 1e-4 another kept yellow at
   84% after 100 steps. ESD has no term that keeps other concepts: at those settings erasing green, blue
   or yellow instead hit a neighbour on two of the three models (kept 0-50%).
+- `preserve` adds that term. Holding only the kept colours was not enough (erasing red at lr 1e-4 took
+  green and yellow to 0% on one model: guidance amplifies the drift of the unconditional prediction), so
+  the empty prompt is held too. With it, red left after erasure / lowest other colour kept, on the three
+  selection models: lr 3e-5 x 400 steps 0% / 100%, 28% / 100% (before the empty prompt was held), 0% /
+  100%; x 600 0% / 100%, 6% / 97%, 19% / 13%; lr 1e-4 x 200 0% / 100%, 6% / 97%, 0% / 50%; lr 3e-4 x 200
+  0% / 100%, 0% / 100%, 0% / 0%. No setting held on all three; 3e-5 x 400 held on two and was taken.
+- It carried over to two of the three test models (seeds 0-2, circles): red fell by 0% on seed 0 and by
+  100% on seeds 1 and 2, every other colour kept at 100%; and on the full world's diffusion
+  model the same setting erased no colour at all (each of red, green, blue and yellow stayed at 100%),
+  where 200 steps without `preserve` erase red. On these small models the edit sits on a knife edge
+  between no effect and damage, and where the edge lies differs from one training seed to the next.
 """
 
 from __future__ import annotations

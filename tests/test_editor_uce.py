@@ -192,14 +192,19 @@ def test_the_plugin_is_found_by_its_entry_point() -> None:
 @pytest.fixture(scope="session")
 def shapes_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The quick shapes-world diffusion model, trained once per test session (about 30 s on one thread)."""
+    return quick_shapes_pipeline(tmp_path_factory, seed=0)
+
+
+def quick_shapes_pipeline(tmp_path_factory: pytest.TempPathFactory, seed: int) -> Path:
+    """The quick shapes-world diffusion model trained with `seed`, saved once per test session."""
     from modelzoo.demo.train_diffusion import PROFILES, train_pipeline
 
-    out = tmp_path_factory.getbasetemp() / "shapes-quick-sd"
+    out = tmp_path_factory.getbasetemp() / f"shapes-quick-sd-{seed}"
     if not (out / "model_index.json").exists():
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            pipe, _ = train_pipeline(PROFILES["quick"], seed=0)
+            pipe, _ = train_pipeline(PROFILES["quick"], seed=seed)
         finally:
             torch.set_num_threads(threads)
         pipe.save_pretrained(out)
