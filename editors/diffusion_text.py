@@ -60,6 +60,11 @@ class TextSide:
         return hidden.float()
 
 
+def in_template(template: str, concept: str) -> str:
+    """The concept placed where the template's "{}" is, with runs of spaces (an empty concept) made one."""
+    return " ".join(template.format(concept).split())
+
+
 def text_side(model: LoadedModel) -> TextSide:
     """The UNet, text encoder and tokenizer of a loaded diffusion version, or BadInput naming what is missing."""
     missing = [name for name in (UNET, TEXT_ENCODER) if name not in model.modules]

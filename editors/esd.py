@@ -68,7 +68,7 @@ import torch
 from torch import nn
 
 from modelzoo.editors.base import EditProgress, EditResult, changed_tensors
-from modelzoo.editors.diffusion_text import CROSS_ATTENTION, UNET, TextSide, text_side
+from modelzoo.editors.diffusion_text import CROSS_ATTENTION, UNET, TextSide, in_template, text_side
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.families.base import LoadedModel
 
@@ -149,10 +149,6 @@ def _resolve(r: EsdRequest) -> EsdRequest:
                          "preserve": tuple(r.preserve)})
 
 
-def _fill(template: str, concept: str) -> str:
-    return " ".join(template.format(concept).split())
-
-
 class EsdEditor:
     """The `esd` editor plugin."""
 
@@ -167,7 +163,7 @@ class EsdEditor:
         for concept in concepts:
             side.token_ids(concept, what)
             for template in r.templates:
-                filled.append(_fill(template, concept))
+                filled.append(in_template(template, concept))
                 side.token_ids(filled[-1], f"{what} in its template")
         return filled
 

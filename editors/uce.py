@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from modelzoo.editors.base import EditContext, EditProgress, EditResult, changed_tensors
-from modelzoo.editors.diffusion_text import UNET, TextSide, cross_attention_projections, text_side
+from modelzoo.editors.diffusion_text import UNET, TextSide, cross_attention_projections, in_template, text_side
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.factors import LowRank
 from modelzoo.registry.families.base import LoadedModel, get_family
@@ -338,10 +338,6 @@ def _templates(r: UceRequest) -> list[str]:
     return list(dict.fromkeys((*r.templates, *(EXPANSIONS if r.expand_prompts else ()))))
 
 
-def _placed(template: str, concept: str) -> str:
-    return " ".join(template.format(concept).split())
-
-
 def _plan(side: TextSide, request: UceRequest) -> _Plan:
     """Validate every concept and its templated texts against the tokenizer; encode all texts at once."""
     r = _resolve(request)
@@ -351,7 +347,7 @@ def _plan(side: TextSide, request: UceRequest) -> _Plan:
     def span(template: str, concept: str, what: str, allow_empty: bool = False, at_end: bool = False) -> Span:
         """The concept in the template, starting at the concept's last token (or the text's, `at_end`)."""
         side.token_ids(concept, what, allow_empty)
-        text = _placed(template, concept)
+        text = in_template(template, concept)
         ids[text] = tuple(side.token_ids(text, what, allow_empty))
         # BPE splits words on whitespace first, so the head's tokens are the text's first tokens.
         head = text if at_end else template.split("{}")[0] + concept
@@ -388,7 +384,7 @@ def clip_reader(encoder: ClipEncoder, request: UceRequest) -> AttributeReader:
     templates = _templates(request)
 
     def read(images: np.ndarray, attributes: Sequence[str]) -> list[str | None]:
-        T = np.stack([encoder.encode_texts([_placed(t, a) for t in templates]).mean(0) for a in attributes])
+        T = np.stack([encoder.encode_texts([in_template(t, a) for t in templates]).mean(0) for a in attributes])
         T /= np.linalg.norm(T, axis=1, keepdims=True)
         scores = encoder.encode_images(images) @ T.T
         return [attributes[i] for i in scores.argmax(1)]
