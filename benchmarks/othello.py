@@ -34,7 +34,8 @@ def main() -> None:
         drawn = max(1, args.games // batch) * batch
         every = np.concatenate(lengths)
         rows.append({"batch": batch, "games": drawn, "seconds": round(best, 3), "games_per_s": round(drawn / best),
-                     "mean_length": round(float(every.mean()), 2), "full_length_share": round(float((every == 60).mean()), 3)})
+                     "mean_length": round(float(every.mean()), 2),
+                     "full_length_share": round(float((every == 60).mean()), 3)})
     print(json.dumps({"threads": os.environ.get("OMP_NUM_THREADS"), "load_average": os.getloadavg()[0],
                       "rows": rows}, indent=2))
 
