@@ -29,6 +29,8 @@ CENTRE = frozenset(SQUARE_INDEX[s] for s in ("d4", "e4", "d5", "e5"))
 MOVE_SQUARES = [i for i in range(64) if i not in CENTRE]
 """The 60 squares a move can be played on, in board order; a move's token id is 1 + its place here."""
 MAX_MOVES = len(MOVE_SQUARES)
+TOKEN_OF_SQUARE = np.zeros(64, dtype=np.int64)
+TOKEN_OF_SQUARE[MOVE_SQUARES] = np.arange(1, MAX_MOVES + 1)
 BLACK, WHITE, NOBODY = 0, 1, -1
 START_BLACK = (1 << SQUARE_INDEX["d5"]) | (1 << SQUARE_INDEX["e4"])
 START_WHITE = (1 << SQUARE_INDEX["d4"]) | (1 << SQUARE_INDEX["e5"])
@@ -139,6 +141,12 @@ def random_games(n: int, rng: np.random.Generator) -> Games:
         out.to_move[:, t] = np.where(legal != 0, mover, NOBODY)
         out.lengths[:] += playing
     return out
+
+
+def move_tokens(moves: np.ndarray) -> np.ndarray:
+    """Token ids of square indices: 1 + the square's place among the 60 move squares; -1 (after a game's
+    end) becomes 0, padding."""
+    return np.where(moves >= 0, TOKEN_OF_SQUARE[np.maximum(moves, 0).astype(np.int64)], 0)
 
 
 def squares_of(board: int) -> list[str]:
