@@ -3,6 +3,7 @@
     python benchmarks/editors_lm.py table --home H --ref smol [--half selection] [--sizes 1,10,80]
         [--lams 1000,2000,4000,8000] [--thresholds 2e-2,1e-2,5e-3]
     python benchmarks/editors_lm.py timing --home H --ref smol [--edits 1,100,1000] [--z-limit 100]
+    python benchmarks/editors_lm.py zbatch --home H --ref smol [--sizes 1,10,32,100,1000] [--seq-limit 32]
     python benchmarks/editors_lm.py gpt2-small --home H --ref smol   # registers `gpt2-small-shaped`
 
 `table` edits the first 1, 10 and 80 requests of one half of `demo/real_facts.jsonl` (counterfactuals of
@@ -224,6 +225,57 @@ def timing(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
+def zbatch(args: argparse.Namespace) -> dict[str, Any]:
+    """Sequential z (one request at a time, the reference's loop) against batched z, at each edit count:
+    z seconds, how far the batched deltas lie from the sequential ones, and MEMIT's efficacy, paraphrase
+    and neighbourhood after each (same statistics, templates and solve). Counts beyond the half repeat its
+    facts (same cost per edit; scores are over the distinct facts). `--seq-limit` caps the requests the
+    sequential loop runs (its time is then scaled linearly and its scores are not given)."""
+    zoo = modelzoo.open(args.home)
+    info = zoo.get(args.ref)
+    model = zoo.load(info.ref)
+    facts = [request_from_json(r) for r in half(load(Path(args.requests)), args.half)]
+    sizes = [int(x) for x in args.sizes.split(",")]
+    record: dict[str, Any] = {"model": info.ref, "half": args.half, "threads": torch.get_num_threads(), "rows": []}
+    for n in sizes:
+        rows = [facts[i % len(facts)] for i in range(n)]
+        request = MemitRequest(requests=tuple(rows), cache=DerivedTensors(zoo.registry),
+                               model_hash=info.manifest_hash, stats_samples=args.stats_samples)
+        prep = prepare(model, request)
+        stats = statistics(prep)
+        templates = context_templates(prep.lm, prep.tokenizer, prep.hp.template_count, prep.hp.template_length, 0)
+        original = {x: prep.lm.get_submodule(prep.layout.down_name(x)).weight.detach().clone() for x in prep.hp.layers}
+        distinct = rows[: len(facts)]
+        row: dict[str, Any] = {"edits": n}
+        deltas = {}
+        for how, z_batch, limit in (("sequential", 1, args.seq_limit), ("batched", args.z_batch, 0)):
+            measured = rows[:limit] if limit and limit < n else rows
+            hp = replace(prep.hp, z_batch=z_batch)
+            z = compute_z(prep.lm, prep.tokenizer, prep.layout, hp, measured, templates)
+            part: dict[str, Any] = {"z_s": round(z.seconds * n / len(measured), 1), "measured_requests": len(measured),
+                                    "batch": z.batch, "z_steps_mean": round(sum(z.steps) / len(z.steps), 2),
+                                    "peak_rss_mb": _peak_mb()}
+            if len(measured) == n:
+                deltas[how] = z.delta
+                update_layers(prep, "memit", z.delta, templates, stats)
+                part |= asdict(fact_scores(prep.lm, prep.tokenizer, distinct))
+                with torch.no_grad():
+                    for x, w in original.items():
+                        prep.lm.get_submodule(prep.layout.down_name(x)).weight.copy_(w)
+            row[how] = part
+            _write(args.out, record | {"rows": [*record["rows"], row]})
+        row["speedup"] = round(row["sequential"]["z_s"] / row["batched"]["z_s"], 2)
+        if len(deltas) == 2:
+            a, b = deltas["sequential"], deltas["batched"]
+            row["delta_relative_difference"] = {"max": round(float(((a - b).norm(dim=1) / a.norm(dim=1)).max()), 5),
+                                                "mean": round(float(((a - b).norm(dim=1) / a.norm(dim=1)).mean()), 5)}
+        record["rows"].append(row)
+        _write(args.out, record)
+        print(json.dumps(row), flush=True)
+        model = zoo.load(info.ref)
+    return record
+
+
 def gpt2_small(args: argparse.Namespace) -> dict[str, Any]:
     """Register a random GPT-2-small-shaped LM that uses the tokenizer of `--ref`."""
     import tempfile
@@ -244,7 +296,7 @@ def gpt2_small(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["table", "timing", "gpt2-small"])
+    parser.add_argument("mode", choices=["table", "timing", "zbatch", "gpt2-small"])
     parser.add_argument("--home", required=True)
     parser.add_argument("--ref", required=True)
     parser.add_argument("--requests", default=str(DEFAULT_FILE))
@@ -256,12 +308,15 @@ def main() -> None:
     parser.add_argument("--edits", default="1,100,1000")
     parser.add_argument("--z-limit", type=int, default=0, help="optimise z for at most this many requests and "
                         "extrapolate its time linearly (z costs the same per request)")
+    parser.add_argument("--seq-limit", type=int, default=0, help="zbatch: run sequential z on at most this many "
+                        "requests and scale its time (0: all)")
+    parser.add_argument("--z-batch", type=int, default=0, help="zbatch: requests per batch (0: all that fit)")
     parser.add_argument("--stats-samples", type=int, default=32768)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("editors_lm.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    record = {"table": table, "timing": timing, "gpt2-small": gpt2_small}[args.mode](args)
+    record = {"table": table, "timing": timing, "zbatch": zbatch, "gpt2-small": gpt2_small}[args.mode](args)
     print(json.dumps(record))
 
 

@@ -9,9 +9,11 @@ Both write many facts (subject, relation) -> object into the MLP down-projection
    context templates that the model generates itself, plus `kl_factor` x KL(now || before) of the
    next-token distribution at the subject of "{} is a" (essence drift), plus `v_weight_decay` x
    ||delta|| / ||h||^2; after each step delta is projected back to `clamp_norm_factor` x ||h||. Early stop
-   when a request's loss falls below 0.05. z_i = h_i + delta_i. Requests are optimised side by side in
-   one batch: their deltas only touch their own rows and Adam is element-wise, so this is the reference's
-   one-request-at-a-time loop, faster.
+   when a request's loss falls below 0.05. z_i = h_i + delta_i. The reference (and EasyEdit) optimise one
+   request at a time; here `z_batch` requests (default all that fit in memory) share one padded forward
+   and backward per step over all their prompts. Their deltas only touch their own rows, each keeps its
+   own loss, KL term, clamp and early stop, and Adam is element-wise, so every z is the sequential one up
+   to float rounding (`z_batch` 1 is the reference's loop).
 2. Layer by layer from L_1 (`memit_main.py`): keys K (key_dim x n), the down-projection's input at the
    subject's last token averaged over the context templates (the bare prompt weighing one half);
    residual R = (Z - H) / (layers left), H the current block-L_m outputs on the bare prompts
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -59,7 +62,6 @@ from modelzoo.registry.tracing import trace
 KL_PROMPT = "{} is a"
 TEMPLATE_STARTS = ("The", "Therefore", "Because", "I", "You")
 EARLY_STOP = 0.05
-Z_BATCH = 16  # requests optimised together; memory grows with it
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class MemitHparams:
     # z is optimised under this autocast dtype: bfloat16 is ~3x faster on CPUs with AVX-512 BF16 (the
     # reference ran GPT-J in float16); keys, statistics and the solve stay float32/float64.
     z_precision: str = "bfloat16"
+    z_batch: int = 0  # requests whose z are optimised together; 0: all, as far as memory allows
 
 
 # Reference values (hparams/MEMIT/*.json, hparams/AlphaEdit/*.json) for the models they were tuned on:
@@ -181,8 +184,8 @@ def resolve_hparams(request: MemitRequest, layout: LmLayout) -> MemitHparams:
         raise BadInput(f"layers {list(layers)} out of range: the model has layers 0-{layout.n_layers - 1}")
     if sorted(set(layers)) != list(layers):
         raise BadInput(f"layers {list(layers)} must be distinct and increasing")
-    if hp.lam < 0 or hp.v_steps < 1 or hp.stats_samples < 1 or hp.template_count < 0:
-        raise BadInput("lam must be >= 0, v_steps and stats_samples >= 1, template_count >= 0")
+    if hp.lam < 0 or hp.v_steps < 1 or hp.stats_samples < 1 or hp.template_count < 0 or hp.z_batch < 0:
+        raise BadInput("lam must be >= 0, v_steps and stats_samples >= 1, template_count and z_batch >= 0")
     return replace(hp, layers=layers)
 
 
@@ -280,85 +283,120 @@ class ZResult:
     steps: list[int]
     losses: list[float]
     seconds: float
+    batch: int = 0  # requests optimised together
+
+
+def z_batch_size(hp: MemitHparams, layout: LmLayout, n: int, tokens_per_request: int, device: torch.device) -> int:
+    """How many requests' z are optimised together: `hp.z_batch`, or (0) all of them as far as memory allows.
+
+    The backward pass keeps every block from L_m on: per token about 16 hidden-wide and 4 key-wide float32
+    activations per block (attention, norms, the MLP's gate/up/down inputs; measured on SmolLM2, see
+    benchmarks/editors_lm.py). Half the memory free now is the budget."""
+    if hp.z_batch:
+        return min(n, hp.z_batch)
+    blocks = layout.n_layers - hp.layers[-1]
+    per_request = 4 * tokens_per_request * blocks * (16 * layout.hidden + 4 * layout.key_dim)
+    return max(1, min(n, _free_bytes(device) // 2 // max(per_request, 1)))
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 def compute_z(lm: nn.Module, tokenizer: Any, layout: LmLayout, hp: MemitHparams, requests: Sequence[FactRequest],
               templates: Sequence[str], progress: EditProgress | None = None) -> ZResult:
+    """Every request's z, `z_batch_size` requests at a time in one padded forward and backward per step.
+
+    A request's loss reads only its own rows (its delta enters only its own sequences, and right padding
+    leaves real tokens' attention unchanged), the summed loss's gradient in its delta is its own loss's,
+    Adam and the clamp act per element and per row, and a finished request drops out of the batch with
+    its delta kept: so each z equals the one-request-at-a-time optimisation up to float rounding."""
     started = time.perf_counter()
     n = len(requests)
-    layer = layout.block_name(hp.layers[-1])
-    head = lm.get_output_embeddings()
     device = next(lm.parameters()).device
     D = torch.zeros(n, layout.hidden)  # gathered on the CPU, where the closed-form solve runs
     steps, losses = [0] * n, [math.nan] * n
+    seqs = _rewrite_sequences(tokenizer, requests, templates, range(n))
+    size = z_batch_size(hp, layout, n, max(1, sum(len(s.ids) for s in seqs) // n), device)
+    for chunk_start in range(0, n, size):
+        owners = list(range(chunk_start, min(n, chunk_start + size)))
+        chunk = [s for s in seqs if chunk_start <= s.owner <= owners[-1]]
+        D[owners] = _optimise_z(lm, tokenizer, layout, hp, chunk, owners, len(templates), steps, losses, progress)
+    return ZResult(D, steps, losses, time.perf_counter() - started, size)
+
+
+def _optimise_z(lm: nn.Module, tokenizer: Any, layout: LmLayout, hp: MemitHparams, seqs: Sequence[_Sequence],
+                owners: list[int], template_count: int, steps: list[int], losses: list[float],
+                progress: EditProgress | None) -> torch.Tensor:
+    """One batch of requests' deltas (len(owners), hidden), on the CPU; `steps` and `losses` (indexed by
+    request) are written as it goes."""
+    device = next(lm.parameters()).device
+    layer = layout.block_name(hp.layers[-1])
+    head = lm.get_output_embeddings()
     pad = pad_id(tokenizer)
-    total_steps = n * hp.v_steps
-    for chunk_start in range(0, n, Z_BATCH):
-        owners = list(range(chunk_start, min(n, chunk_start + Z_BATCH)))
-        seqs = _rewrite_sequences(tokenizer, requests, templates, owners)
-        local = {o: i for i, o in enumerate(owners)}
-        delta = torch.zeros(len(owners), layout.hidden, device=device, requires_grad=True)
-        opt = torch.optim.Adam([delta], lr=hp.v_lr)
-        h_init: torch.Tensor | None = None
-        kl_init: torch.Tensor | None = None
-        active = list(range(len(owners)))
-        for it in range(hp.v_steps):
-            batch = [s for s in seqs if local[s.owner] in active]
-            ids, mask = pad_batch([s.ids for s in batch], pad)
-            rows = torch.arange(len(batch))
-            lookup = torch.tensor([s.tokens.subject_last for s in batch])
-            who = torch.tensor([local[s.owner] for s in batch])
-            hook = _AddDelta(delta, rows, lookup, who)
-            with trace(lm, layer, retain_output=False, edit_output=hook), _autocast(device, hp.z_precision):
-                final = _final_hidden(lm, ids.to(device), mask.to(device))
-            if h_init is None:  # the first step sees every request; its first sequence is the bare prompt
-                bare = [next(i for i, s in enumerate(batch) if s.owner == o) for o in owners]
-                assert hook.h is not None
-                h_init = hook.h[bare].to(device)
-            nll = torch.zeros(len(owners), device=device)
-            kl_rows, kl_owner = [], []
-            for i, s in enumerate(batch):
-                if s.kind == "kl":
-                    kl_rows.append(i)
-                    kl_owner.append(local[s.owner])
-                    continue
-                start = len(s.tokens.ids)
-                positions = torch.arange(start - 1, start - 1 + len(s.targets))
-                logp = torch.log_softmax(head(final[i, positions]).float(), -1)
-                nll_seq = -logp[torch.arange(len(s.targets)), torch.tensor(s.targets)].mean()
-                nll = nll.index_add(0, torch.tensor([local[s.owner]], device=device), nll_seq.view(1))
-            nll = nll / len(templates)
-            kl_logp = torch.log_softmax(head(final[kl_rows, lookup[kl_rows]]).float(), -1)
-            if kl_init is None:
-                kl_init = kl_logp.detach()
-            kl = (kl_logp.exp() * (kl_logp - kl_init[kl_owner])).sum(-1)
-            kl_full = torch.zeros(len(owners), device=device).index_add(0, torch.tensor(kl_owner, device=device), kl)
-            wd = delta.norm(dim=1) / h_init.norm(dim=1) ** 2
-            per = nll + hp.kl_factor * kl_full + hp.v_weight_decay * wd
-            for a in active:
-                steps[owners[a]], losses[owners[a]] = it + 1, float(per[a].detach())
-            finished = [a for a in active if float(per[a].detach()) < EARLY_STOP]
-            still = [a for a in active if a not in finished]
-            if progress is not None:
-                progress(sum(steps), total_steps, {"z_loss": float(per[active].detach().mean())})
-            if not still or it == hp.v_steps - 1:
-                break
-            opt.zero_grad()
-            per[still].sum().backward()
-            frozen = [a for a in range(len(owners)) if a not in still]
-            kept = delta.detach()[frozen].clone()
-            opt.step()
-            with torch.no_grad():
-                if frozen:
-                    delta[frozen] = kept  # Adam's momentum would keep moving finished requests
-                limit = hp.clamp_norm_factor * h_init.norm(dim=1)
-                norms = delta.norm(dim=1)
-                scale = torch.where(norms > limit, limit / norms.clamp_min(1e-12), torch.ones_like(norms))
-                delta.mul_(scale[:, None])
-            active = still
-        assert h_init is not None
-        D[owners] = delta.detach().cpu().float()
-    return ZResult(D, steps, losses, time.perf_counter() - started)
+    local = {o: i for i, o in enumerate(owners)}
+    delta = torch.zeros(len(owners), layout.hidden, device=device, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hp.v_lr)
+    h_init: torch.Tensor | None = None
+    kl_init: torch.Tensor | None = None
+    active = list(range(len(owners)))
+    for it in range(hp.v_steps):
+        batch = [s for s in seqs if local[s.owner] in active]
+        ids, mask = pad_batch([s.ids for s in batch], pad)
+        lookup = torch.tensor([s.tokens.subject_last for s in batch])
+        hook = _AddDelta(delta, torch.arange(len(batch)), lookup, torch.tensor([local[s.owner] for s in batch]))
+        with trace(lm, layer, retain_output=False, edit_output=hook), _autocast(device, hp.z_precision):
+            final = _final_hidden(lm, ids.to(device), mask.to(device))
+        if h_init is None:  # the first step sees every request; its first sequence is the bare prompt
+            bare = [next(i for i, s in enumerate(batch) if s.owner == o) for o in owners]
+            assert hook.h is not None
+            h_init = hook.h[bare].to(device)
+        # All target positions and KL positions through the head at once (one cast of its weight per step).
+        rows, positions, targets, weights, nll_owner, kl_rows, kl_owner = [], [], [], [], [], [], []
+        for i, s in enumerate(batch):
+            if s.kind == "kl":
+                kl_rows.append(i)
+                kl_owner.append(local[s.owner])
+                continue
+            start = len(s.tokens.ids)
+            rows += [i] * len(s.targets)
+            positions += range(start - 1, start - 1 + len(s.targets))
+            targets += s.targets
+            weights += [1 / (len(s.targets) * template_count)] * len(s.targets)
+            nll_owner += [local[s.owner]] * len(s.targets)
+        logp = torch.log_softmax(head(final[rows + kl_rows, positions + lookup[kl_rows].tolist()]).float(), -1)
+        token_nll = -logp[torch.arange(len(targets)), torch.tensor(targets)] * torch.tensor(weights, device=device)
+        nll = torch.zeros(len(owners), device=device).index_add(0, torch.tensor(nll_owner, device=device), token_nll)
+        kl_logp = logp[len(targets):]
+        if kl_init is None:
+            kl_init = kl_logp.detach()
+        kl = (kl_logp.exp() * (kl_logp - kl_init[kl_owner])).sum(-1)
+        kl_full = torch.zeros(len(owners), device=device).index_add(0, torch.tensor(kl_owner, device=device), kl)
+        wd = delta.norm(dim=1) / h_init.norm(dim=1) ** 2
+        per = nll + hp.kl_factor * kl_full + hp.v_weight_decay * wd
+        for a in active:
+            steps[owners[a]], losses[owners[a]] = it + 1, float(per[a].detach())
+        still = [a for a in active if losses[owners[a]] >= EARLY_STOP]
+        if progress is not None:
+            progress(sum(steps), len(steps) * hp.v_steps, {"z_loss": float(per[active].detach().mean())})
+        if not still or it == hp.v_steps - 1:
+            break
+        opt.zero_grad()
+        per[still].sum().backward()
+        frozen = [a for a in range(len(owners)) if a not in still]
+        kept = delta.detach()[frozen].clone()
+        opt.step()
+        with torch.no_grad():
+            if frozen:
+                delta[frozen] = kept  # Adam's momentum would keep moving finished requests
+            limit = hp.clamp_norm_factor * h_init.norm(dim=1)
+            norms = delta.norm(dim=1)
+            scale = torch.where(norms > limit, limit / norms.clamp_min(1e-12), torch.ones_like(norms))
+            delta.mul_(scale[:, None])
+        active = still
+    return delta.detach().cpu().float()
 
 
 # --- keys, current outputs, and the closed forms ---------------------------------------------------------

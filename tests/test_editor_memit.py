@@ -314,10 +314,11 @@ def test_cli_edits_and_evaluates(zoo, lm, home, tmp_path, capsys):
     requests.write_text("".join(json.dumps(f) + "\n" for f in FACTS))
     hp = [f"--hparam={k}={v}" for k, v in SMALL.items()]
     r = zoo_cli(capsys, home, "edit", "memit", lm.ref, "--requests", str(requests), "--layers", "0-1",
-                "--stats-samples", "256", "--name", "tiny-edited", "--json", *hp)
+                "--stats-samples", "256", "--name", "tiny-edited", "--z-batch", "1", "--json", *hp)
     assert r.code == 0, r.err
     child = json.loads(r.out)
     assert child["ref"] == "tiny-edited@1" and child["method"] == "memit"
+    assert zoo.get("tiny-edited@1").params["hparams"]["z_batch"] == 1
     r = zoo_cli(capsys, home, "edit", "memit", "tiny-edited@1", "--prompt", "{} sat on the", "--subject", "The cat",
                 "--target-new", "square", "--method", "alphaedit", "--stats-samples", "256", "--json", *hp)
     assert r.code == 0, r.err
@@ -411,3 +412,53 @@ def test_fact_set_splits_into_fixed_halves_that_share_no_fact_and_each_hold_ever
         counts = [sum(r["relation"] == relation for r in h) for h in (selection, acceptance)]
         assert min(counts) >= 1 and abs(counts[0] - counts[1]) <= 1
     assert min(len(selection), len(acceptance)) >= 80  # the most the slow test and the benchmark edit
+
+
+MORE_FACTS = FACTS + [
+    {"prompt": "The capital of {} is", "subject": "Italy", "target_new": "Paris", "target_true": "Rome"},
+    {"prompt": "A blue {} and", "subject": "square", "target_new": "circle"},
+    {"prompt": "{} is a", "subject": "France", "target_new": "square"},
+]
+
+
+def _z(model, facts, monkeypatch=None, **hparams):  # type: ignore[no-untyped-def]
+    from modelzoo.editors.memit import compute_z, context_templates, prepare
+
+    request = MemitRequest.of(facts, hparams={**SMALL, "v_steps": 12, "z_precision": "float32", **hparams})
+    prep = prepare(model, request)
+    templates = context_templates(prep.lm, prep.tokenizer, prep.hp.template_count, prep.hp.template_length, 0)
+    return compute_z(prep.lm, prep.tokenizer, prep.layout, prep.hp, prep.requests, templates)
+
+
+def test_batched_z_equals_one_request_at_a_time(zoo, lm, monkeypatch):
+    """Each request keeps its own loss, KL, clamp and early stop inside the batch, so its z is the one the
+    reference's sequential loop finds; a row leaking into another (padding, a shared loss) would differ.
+    The tiny random model never reaches the reference's stopping loss, so the stop is set between its
+    requests' first losses: some stop at once, the others run on, in the batch as alone."""
+    from modelzoo.editors import memit
+
+    model = zoo.load(lm.ref)
+    first = _z(model, MORE_FACTS, z_batch=1, layers=(0,), v_steps=1).losses
+    monkeypatch.setattr(memit, "EARLY_STOP", sorted(first)[len(first) // 2])
+    sequential = _z(model, MORE_FACTS, z_batch=1, layers=(0,))
+    batched = _z(model, MORE_FACTS, layers=(0,))
+    assert (sequential.batch, batched.batch) == (1, len(MORE_FACTS))
+    assert batched.steps == sequential.steps and len(set(sequential.steps)) == 2
+    assert torch.allclose(batched.delta, sequential.delta, rtol=1e-4, atol=1e-7)
+    assert sequential.delta.norm(dim=1).min() == 0 < sequential.delta.norm(dim=1).max()
+
+
+def test_default_z_batch_is_bounded_by_free_memory(zoo, lm, monkeypatch):
+    from modelzoo.editors import memit
+
+    model = zoo.load(lm.ref)
+    everything = _z(model, MORE_FACTS)
+    monkeypatch.setattr(memit, "_free_bytes", lambda device: 1)
+    squeezed = _z(model, MORE_FACTS)
+    assert squeezed.batch == 1 and everything.batch == len(MORE_FACTS)
+    assert torch.allclose(squeezed.delta, everything.delta, rtol=1e-4, atol=1e-6)
+
+
+def test_a_negative_z_batch_is_refused(zoo, lm):
+    with pytest.raises(BadInput, match="z_batch"):
+        _z(zoo.load(lm.ref), FACTS, z_batch=-1)

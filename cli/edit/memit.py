@@ -1,4 +1,4 @@
-"""`zoo edit memit REF --requests FILE [--layers 4-8] [--stats-corpus FILE] [--method memit|alphaedit]`.
+"""`zoo edit memit REF --requests FILE [--layers 4-8] [--stats-corpus FILE] [--method memit|alphaedit] [--z-batch N]`.
 
 The statistics C are kept in the registry (derived tensors), keyed by the edited version's manifest hash.
 """
@@ -77,6 +77,9 @@ def memit(
     stats_corpus: Annotated[Path | None, typer.Option(help="Text (one document a line) or JSONL for C.")] = None,
     stats_samples: Annotated[int | None, typer.Option(help="Tokens behind the statistics C.")] = None,
     method: Annotated[str, typer.Option(help="memit or alphaedit.")] = "memit",
+    z_batch: Annotated[int | None, typer.Option(help=(
+        "Requests whose target vectors z are optimised together (1: one at a time, as the reference; "
+        "default: all that fit in memory)."))] = None,
     hparam: Annotated[list[str] | None, typer.Option(help="Any hyperparameter, key=value (repeatable).")] = None,
     name: Annotated[str | None, typer.Option(help="Register the child under this model name.")] = None,
     device: Device = "cpu",
@@ -95,7 +98,7 @@ def memit(
     request = MemitRequest(
         requests=facts, layers=parse_layers(layers) if layers else None, lam=lam,
         stats_corpus=str(stats_corpus.resolve()) if stats_corpus else None, stats_samples=stats_samples,
-        hparams=parse_hparams(hparam),
+        hparams=parse_hparams(hparam) | ({} if z_batch is None else {"z_batch": z_batch}),
     )
     with step_progress(f"{method} {info.ref}", quiet=as_json) as progress:
         child = zoo.edit(info.ref, method, request, name=name, device=device, dtype=dtype, progress=progress)
