@@ -146,57 +146,65 @@ def encode(parts: LmParts, fact: Fact, examples: Sequence[Fact], layers: Sequenc
     return Encoded(fact, ids, at, int(logits[0, -1].argmax()), parts.answer_token(fact.object), h, z)
 
 
-def jacobian(parts: LmParts, ids: Sequence[int], subject_at: int, layer: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(J, h, z): the Jacobian dz/dh of the last block's output at the last token with respect to the
-    residual h after block `layer` at position `subject_at`, and h and z themselves. Only the tokens from
+def jacobians(parts: LmParts, ids: Sequence[int], subject_at: int,
+              layers: Sequence[int]) -> tuple[dict[int, Tensor], dict[int, Tensor], Tensor]:
+    """(J, h, z): for each layer, the Jacobian dz/dh of the last block's output z at the last token with
+    respect to the residual h after that block at position `subject_at`, with h itself; and z.
+
+    One pass serves every layer: a zero offset, the differentiation variable, joins the residual after each
+    layer's block at the subject, so dz/d(offset) is dz/dh with everything downstream recomputed, and one
+    backward pass, batched over the hidden-size basis of z, gives all the Jacobians. Only the tokens from
     the subject on are recomputed; the prefix before it is a fixed key/value cache."""
     pre = prefix(parts, ids, subject_at)
-    source, last = parts.block(layer), parts.block(parts.n_layers - 1)
-    with torch.no_grad(), trace(parts.lm, [source, last]) as traces:
-        run_rest(parts, pre)
-    h0 = residual(traces[source].output)[0, 0].detach()
-    z0 = residual(traces[last].output)[0, -1].detach()
+    by_name = {parts.block(layer): layer for layer in layers}
+    last = parts.block(parts.n_layers - 1)
+    param = next(parts.lm.parameters())
+    offsets = {layer: torch.zeros(parts.hidden, dtype=param.dtype, device=param.device, requires_grad=True)
+               for layer in layers}
+    h: dict[int, Tensor] = {}
 
-    def z_of(h: Tensor) -> Tensor:
-        def put(name: str, output: Any) -> Any:
-            if name != source:
-                return output
-            hidden = residual(output).clone()
-            hidden[0, 0] = h
-            return with_residual(output, hidden)
+    def offset(name: str, output: Any) -> Any:
+        if name not in by_name:
+            return output
+        layer = by_name[name]
+        hidden = residual(output).clone()
+        h[layer] = hidden[0, 0].detach().float()
+        hidden[0, 0] = hidden[0, 0] + offsets[layer]
+        return with_residual(output, hidden)
 
-        with trace(parts.lm, [source, last], edit_output=put, detach=False, stop=True) as traces:
+    with torch.enable_grad():
+        with trace(parts.lm, [*by_name, last], edit_output=offset, detach=False, stop=True) as traces:
             run_rest(parts, pre)
-        return residual(traces[last].output)[0, -1]
-
-    J = torch.autograd.functional.jacobian(z_of, h0, vectorize=True)
-    return J.float(), h0.float(), z0.float()
-
-
-@torch.no_grad()
-def _top1(parts: LmParts, z: Tensor) -> int:
-    return int(parts.decode(z.to(parts.lm.dtype)).argmax())
+        z = residual(traces[last].output)[0, -1]
+        basis = torch.eye(parts.hidden, dtype=z.dtype, device=z.device)
+        grads = torch.autograd.grad(z, [offsets[layer] for layer in layers], basis, is_grads_batched=True)
+    J = {layer: g.float() for layer, g in zip(layers, grads, strict=True)}
+    return J, h, z.detach().float()
 
 
 @torch.no_grad()
-def _log_p(parts: LmParts, z: Tensor, token: int) -> float:
-    return float(parts.decode(z.to(parts.lm.dtype)).float().log_softmax(-1)[token])
+def _decoded(parts: LmParts, Z: Tensor, answers: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """(hits, log p): for each row z of Z, whether the head's top-1 token is the answer, and its log-probability."""
+    logits = parts.decode(Z.to(parts.lm.dtype)).float()
+    target = torch.tensor(list(answers), device=logits.device)
+    hits = logits.argmax(-1) == target
+    return hits.cpu(), logits.log_softmax(-1).gather(-1, target[:, None])[:, 0].cpu()
 
 
 @torch.no_grad()
-def _edited_answer(parts: LmParts, enc: Encoded, layer: int, delta: Tensor) -> int:
-    """The LM's top-1 answer with `delta` added to the residual after `layer` at the subject."""
+def _edited_answers(parts: LmParts, enc: Encoded, layer: int, deltas: Tensor) -> list[int]:
+    """The LM's top-1 answers with each row of `deltas` added to the residual after `layer` at the subject
+    (one batch row each, over the prompt's prefix cache)."""
     pre = prefix(parts, enc.ids, enc.subject_at)
-    source = parts.block(layer)
 
     def add(name: str, output: Any) -> Any:
         hidden = residual(output).clone()
-        hidden[0, 0] += delta.to(hidden)
+        hidden[:, 0] += deltas.to(hidden)
         return with_residual(output, hidden)
 
-    with trace(parts.lm, source, edit_output=add, retain_output=False):
-        logits = run_rest(parts, pre).logits
-    return int(logits[0, -1].argmax())
+    with trace(parts.lm, parts.block(layer), edit_output=add, retain_output=False):
+        logits = run_rest(parts, pre, len(deltas)).logits
+    return [int(t) for t in logits[:, -1].argmax(-1)]
 
 
 def pinv_rank(W: Tensor, rank: int) -> Tensor:
@@ -221,8 +229,16 @@ def _share(hits: Sequence[bool]) -> float:
     return sum(hits) / len(hits) if hits else 0.0
 
 
-def _causality(parts: LmParts, pairs: Sequence[tuple[Encoded, Encoded]], layer: int, W_pinv: Tensor) -> float:
-    return _share([_edited_answer(parts, a, layer, W_pinv @ (b.z - a.z)) == b.target for a, b in pairs])
+def _causality(parts: LmParts, pairs: Sequence[tuple[Encoded, Encoded]], layer: int,
+               W_pinvs: Sequence[Tensor]) -> list[float]:
+    """For each pseudo-inverse, the share of pairs (a, b) where adding W^+ (z_b - z_a) at a's subject makes
+    the LM answer b's object."""
+    hits: list[list[bool]] = [[] for _ in W_pinvs]
+    for a, b in pairs:
+        deltas = torch.stack([P @ (b.z - a.z) for P in W_pinvs])
+        for k, answer in enumerate(_edited_answers(parts, a, layer, deltas)):
+            hits[k].append(answer == b.target)
+    return [_share(h) for h in hits]
 
 
 class LreAnalyzer:
@@ -245,28 +261,34 @@ class LreAnalyzer:
             raise BadInput(f"layers {bad} are out of range: {model.ref} has blocks 0..{n - 1}, and h must come "
                            f"before the last one")
 
+        # a test fact's prompt of the training facts is often the one it was first checked in
+        seen: dict[str, Encoded] = {}
+
+        def encoded_in(fact: Fact, examples: Sequence[Fact]) -> Encoded:
+            text = icl_prompt(examples, fact)
+            if text not in seen:
+                seen[text] = encode(parts, fact, examples, layers)
+            return seen[text]
+
         # Which facts the LM knows: each in a prompt of the first `train` other facts.
         encoded = []
         for i, fact in enumerate(facts):
             report(progress, "known facts", i, len(facts))
-            encoded.append(encode(parts, fact, [f for f in facts if f is not fact][: request.train], layers))
+            encoded.append(encoded_in(fact, [f for f in facts if f is not fact][: request.train]))
         known = [e for e in encoded if e.known]
         if len(known) < request.train + 1:
             raise BadInput(f"{model.ref} answers {len(known)} of the {len(facts)} {relation!r} facts correctly; "
                            f"fitting on {request.train} and testing on one needs {request.train + 1}")
         train_facts = [e.fact for e in known[: request.train]]
-        train = [encode(parts, e.fact, train_facts, layers) for e in known[: request.train]]
-        test = [encode(parts, e.fact, train_facts, layers) for e in known[request.train:]]
+        train = [encoded_in(e.fact, train_facts) for e in known[: request.train]]
+        test = [encoded_in(e.fact, train_facts) for e in known[request.train:]]
         test = [e for e in test if e.known]
 
-        jac: dict[int, list[Tensor]] = {}
-        done = 0
-        for layer in layers:
-            jac[layer] = []
-            for enc in train:
-                report(progress, "jacobians", done, len(layers) * len(train))
-                jac[layer].append(jacobian(parts, enc.ids, enc.subject_at, layer)[0])
-                done += 1
+        jac: dict[int, list[Tensor]] = {layer: [] for layer in layers}
+        for i, enc in enumerate(train):
+            report(progress, "jacobians", i, len(train))
+            for layer, J in jacobians(parts, enc.ids, enc.subject_at, layers)[0].items():
+                jac[layer].append(J)
 
         # beta and layer: leave-one-out faithfulness on the training facts; a few training facts often
         # tie at 1.0, so ties go to the higher mean log-probability of the LM's answer
@@ -275,19 +297,18 @@ class LreAnalyzer:
         for layer in layers:
             Js = torch.stack(jac[layer])
             bs = torch.stack([e.z - J @ e.h[layer] for e, J in zip(train, jac[layer], strict=True)])
+            n_train = len(train)
+            W_loo = (Js.sum(0) - Js) / (n_train - 1)  # fact i's W and b from the other training facts
+            b_loo = (bs.sum(0) - bs) / (n_train - 1)
+            Wh = torch.stack([W_loo[i] @ e.h[layer] for i, e in enumerate(train)])
+            answers = [e.answer for e in train]
             sweep[str(layer)] = {}
             for beta in request.betas:
-                hits, log_p = 0, 0.0
-                for i, enc in enumerate(train):
-                    W_i = (Js.sum(0) - Js[i]) / (len(train) - 1)
-                    b_i = (bs.sum(0) - bs[i]) / (len(train) - 1)
-                    z = beta * W_i @ enc.h[layer] + b_i
-                    hits += _top1(parts, z) == enc.answer
-                    log_p += _log_p(parts, z, enc.answer) / len(train)
-                score = hits / len(train)
+                hit, log_p = _decoded(parts, beta * Wh + b_loo, answers)
+                score = float(hit.float().mean())
                 sweep[str(layer)][str(beta)] = score
-                if (score, log_p) > best[:2]:
-                    best = (score, log_p, layer, beta)
+                if (score, float(log_p.mean())) > best[:2]:
+                    best = (score, float(log_p.mean()), layer, beta)
         _, _, layer, beta = best
         W = torch.stack(jac[layer]).mean(0)
         b = torch.stack([e.z - W @ e.h[layer] for e in train]).mean(0)
@@ -295,26 +316,28 @@ class LreAnalyzer:
         # rank: causality among the training facts
         ranks = sorted({min(k, parts.hidden) for k in request.ranks})
         train_pairs = _pairs(train)
-        rank_sweep = {str(k): _causality(parts, train_pairs, layer, pinv_rank(W, k)) for k in ranks}
+        rank_sweep = dict(zip(map(str, ranks), _causality(parts, train_pairs, layer, [pinv_rank(W, k) for k in ranks]),
+                              strict=True))
         rank = max(ranks, key=lambda k: (rank_sweep[str(k)], -k))
 
         report(progress, "testing", 0, 1)
         shift = torch.stack([e.z - e.h[layer] for e in train]).mean(0)
-        faithful = [_top1(parts, beta * W @ e.h[layer] + b) == e.answer for e in test]
-        identity = [_top1(parts, e.h[layer]) == e.answer for e in test]
-        translation = [_top1(parts, e.h[layer] + shift) == e.answer for e in test]
+        H = torch.stack([e.h[layer] for e in test]) if test else torch.zeros(0, parts.hidden)
+        answers = [e.answer for e in test]
+        faithful, identity, translation = (_share(_decoded(parts, Z, answers)[0].tolist())
+                                           for Z in (beta * H @ W.T + b, H, H + shift))
         test_pairs = _pairs(test)
-        causality = _causality(parts, test_pairs, layer, pinv_rank(W, rank))
+        causality = _causality(parts, test_pairs, layer, [pinv_rank(W, rank)])[0]
         metrics = {
             "relation": relation,
             "layer": layer,
             "beta": beta,
             "rank": rank,
-            "faithfulness": _share(faithful),
+            "faithfulness": faithful,
             "causality": causality,
             "tested": len(test),
             "causality_tested": len(test_pairs),
-            "baselines": {"identity": _share(identity), "translation": _share(translation)},
+            "baselines": {"identity": identity, "translation": translation},
             "known": len(known),
             "facts": len(facts),
             "train_subjects": [f.subject for f in train_facts],

@@ -10,6 +10,12 @@ rules interfere little. Nothing here is GAN-specific: any family's edits of a sh
 The result is registered with every composed edit as a parent (relation "compose"), the first one
 providing the manifest that the composed tensors replace.
 
+A bias that the parent lacks is a zero bias, so a bias an edit adds composes as a change from zero: a
+function vector baked into a Llama-style model (`editors/fv.py`) switches the MLP biases on, so two such
+children compose to both vectors, each after its own layer, which is the function-vector paper's vector
+composition (Todd et al. 2024, arXiv 2310.15213, section 5: v_A + v_B). Every edit must then add the same
+biases and change the parent's files (its config.json) alike, so the composition loads as one model.
+
 Where every edit of a tensor is stored as factors over the parent's tensor, so is the composition: over
 the first edit's tensor it is (s_1 - 1) Delta_1 + sum_{k>1} s_k Delta_k, whose factors are the edits'
 factors side by side (the ranks add up).
@@ -58,6 +64,29 @@ def _check_scales(scales: Sequence[float] | None, count: int) -> list[float]:
     return [float(s) for s in scales]
 
 
+def _check_alike(registry: Registry, parent: str, infos: Sequence[VersionInfo],
+                 tensors: dict[str, torch.Tensor]) -> set[str]:
+    """The biases the edits add (the same in each), after checking that no edit removes a tensor, adds
+    anything but biases, or changes the parent's files differently from the first edit."""
+    added: set[str] | None = None
+    files: dict[str, str] | None = None
+    for info in infos:
+        manifest = registry.manifest(info.ref)
+        names = {name for kind, name in manifest if kind == "tensor"}
+        removed, extra = sorted(set(tensors) - names), sorted(names - set(tensors))
+        if removed or any(not name.endswith(".bias") for name in extra):
+            changed = removed or [name for name in extra if not name.endswith(".bias")]
+            raise BadInput(f"{info.ref} adds or removes tensors of {parent} ({changed[:3]}); only weight edits "
+                           "and added biases compose")
+        own_files = {name: blob.sha256 for (kind, name), blob in manifest.items() if kind == "file"}
+        if added is None or files is None:
+            added, files = set(extra), own_files
+        elif set(extra) != added or own_files != files:
+            raise BadInput(f"{info.ref} and {infos[0].ref} add different biases or change {parent}'s files "
+                           "differently, so their composition would not load as one model")
+    return added or set()
+
+
 def _factored_sums(registry: Registry, parent: str, refs: Sequence[str], scales: Sequence[float]) -> dict[str, LowRank]:
     """The composed change over the first edit's tensor, as factors, of each tensor that every edit changing
     it stores as factors over the parent's tensor (in one layout)."""
@@ -92,8 +121,8 @@ def compose(
     """Register W_orig + sum_k s_k (W_k - W_orig) for the versions `refs` (at least two, one parent).
 
     The new version goes to model `name` (created if new), or to the first ref's model. Only tensors
-    that some edit changed are written; tensors an edit added or removed are refused, since a delta of
-    a tensor that one side lacks has no meaning.
+    that some edit changed are written. A tensor an edit removes, or adds unless it is a bias (a missing
+    bias adds zero), is refused, since a delta of a tensor that one side lacks has no meaning.
     """
     started = time.perf_counter()
     if len(refs) < 2:
@@ -107,23 +136,23 @@ def compose(
         raise BadInput("every scale is 0, so the composition is the parent itself; nothing registered")
     parent = _shared_parent(infos)
     base = registry.load_tensors(parent)
+    added = _check_alike(registry, parent, infos, base)
     composed: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
     changed_by: dict[str, list[str]] = {}
     for info, s in zip(infos, factors, strict=True):
         tensors = registry.load_tensors(info.ref)
-        if set(tensors) != set(base):
-            extra = sorted(set(tensors) ^ set(base))
-            raise BadInput(f"{info.ref} adds or removes tensors of {parent} ({extra[:3]}); only weight edits compose")
         for tensor_name, value in tensors.items():
-            W_orig = base[tensor_name]
+            W_orig = torch.zeros_like(value) if tensor_name in added else base[tensor_name]
             if torch.equal(value, W_orig):
                 continue
             if value.shape != W_orig.shape or not value.is_floating_point():
                 raise BadInput(f"{info.ref} changes the shape or dtype of {tensor_name}; only weight edits compose")
             delta = (value.double() - W_orig.double()) * s
             composed[tensor_name] = composed.get(tensor_name, W_orig.double()) + delta
+            dtypes[tensor_name] = W_orig.dtype
             changed_by.setdefault(tensor_name, []).append(info.ref)
-    changed: dict[str, torch.Tensor | LowRank] = {k: v.to(base[k].dtype).contiguous() for k, v in composed.items()}
+    changed: dict[str, torch.Tensor | LowRank] = {k: v.to(dtypes[k]).contiguous() for k, v in composed.items()}
     changed.update(_factored_sums(registry, parent, resolved, factors))
     params = {"refs": resolved, "scales": factors, "parent": parent}
     metrics = {"tensors": len(changed), "changed_by": changed_by}

@@ -62,34 +62,39 @@ def _write(path: Path, rows: list[Any]) -> Path:
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_lre_jacobian_matches_finite_differences(arch):
+def test_lre_jacobians_of_every_layer_match_finite_differences(arch):
     parts = _parts(arch)
     facts = [lre.Fact("r", "The capital of {} is", s, o) for s, o in FACTS]
-    enc = lre.encode(parts, facts[0], facts[1:5], [1])
-    J, h, z = lre.jacobian(parts, enc.ids, enc.subject_at, 1)
-    assert torch.allclose(h, enc.h[1]) and torch.allclose(z, enc.z)
+    enc = lre.encode(parts, facts[0], facts[1:5], [0, 1])
+    Js, hs, z = lre.jacobians(parts, enc.ids, enc.subject_at, [0, 1])
+    assert torch.allclose(z, enc.z)
     pre = prefix(parts, enc.ids, enc.subject_at)
-
-    def z_after(delta: torch.Tensor) -> torch.Tensor:
-        def add(name: str, output: Any) -> Any:
-            hidden = residual(output).clone()
-            hidden[0, 0] += delta
-            return with_residual(output, hidden)
-
-        last = parts.block(parts.n_layers - 1)
-        with torch.no_grad(), trace(parts.lm, [parts.block(1), last], edit_output=lambda n, o: add(n, o)
-                                    if n == parts.block(1) else o) as traces:
-            run_rest(parts, pre)
-        return residual(traces[last].output)[0, -1]
-
+    last = parts.block(parts.n_layers - 1)
     generator = torch.Generator().manual_seed(0)
     eps = 1e-5
-    for _ in range(4):
-        v = torch.randn(parts.hidden, generator=generator, dtype=torch.float64)
-        numeric = (z_after(eps * v) - z_after(-eps * v)) / (2 * eps)
-        assert torch.allclose(J.double() @ v, numeric, atol=1e-3 * float(numeric.abs().max()))
-    # the Jacobian is no constant: dropping W (z = h + b) misses the first-order change
-    assert float((J - torch.eye(parts.hidden)).abs().max()) > 1e-2
+    for layer in (0, 1):
+        assert torch.allclose(hs[layer], enc.h[layer])
+
+        def z_after(delta: torch.Tensor, source: str = parts.block(layer)) -> torch.Tensor:
+            def add(name: str, output: Any) -> Any:
+                if name != source:
+                    return output
+                hidden = residual(output).clone()
+                hidden[0, 0] += delta
+                return with_residual(output, hidden)
+
+            with torch.no_grad(), trace(parts.lm, [source, last], edit_output=add) as traces:
+                run_rest(parts, pre)
+            return residual(traces[last].output)[0, -1]
+
+        J = Js[layer]
+        for _ in range(4):
+            v = torch.randn(parts.hidden, generator=generator, dtype=torch.float64)
+            numeric = (z_after(eps * v) - z_after(-eps * v)) / (2 * eps)
+            assert torch.allclose(J.double() @ v, numeric, atol=1e-3 * float(numeric.abs().max()))
+        # the Jacobian is no constant: dropping W (z = h + b) misses the first-order change
+        assert float((J - torch.eye(parts.hidden)).abs().max()) > 1e-2
+    assert not torch.allclose(Js[0], Js[1])
 
 
 def test_rank_k_pseudo_inverse_inverts_the_top_k_directions():
@@ -341,3 +346,40 @@ def test_zoo_edit_fv_child_adds_the_vector_after_its_layer_at_every_position(cap
 
     other = zoo_cli(capsys, home, "edit", "fv", "tiny@2", "--analysis", str(analysis))
     assert other.code == 2 and "was computed on tiny@1" in other.err
+
+
+def test_composed_fv_children_add_both_vectors_each_after_its_layer(capsys, home, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = _tiny_lm("llama")
+    model.save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    assert zoo_cli(capsys, home, "import", str(tmp_path / "llama"), "--name", "tiny").code == 0
+    zoo = __import__("modelzoo").open(home)
+    vectors = {}
+    for layer in (0, 1):
+        analysis, vectors[layer] = _stored_fv(zoo, "tiny@1", model.config.hidden_size, layer)
+        vectors[layer] = vectors[layer] * (layer + 1)  # two different vectors
+        assert zoo_cli(capsys, home, "edit", "fv", "tiny@1", "--analysis", str(analysis), "--scale",
+                       str(layer + 1)).code == 0
+    done = zoo_cli(capsys, home, "compose", "tiny@2", "tiny@3", "--name", "both", "--scale", "1", "--scale", "0.5",
+                   "--json")
+    assert done.code == 0, done.err
+
+    ids = torch.tensor([tokenizer("The cat sat on the mat")["input_ids"]])
+    parts = lm_parts(LoadedModel("p", "lm", model, {"": model}, tokenizer))
+    scaled = {parts.block(0): vectors[0], parts.block(1): 0.5 * vectors[1]}
+    def add(name: str, output: Any) -> Any:
+        return with_residual(output, residual(output) + scaled[name])
+
+    with torch.no_grad(), trace(model, list(scaled), edit_output=add):
+        expected = model(ids).logits
+    zoo.export(json.loads(done.out)["ref"], tmp_path / "both")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "both").eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, expected, atol=1e-4)
+
+    weights = zoo.registry.load_tensors("tiny@1")
+    plain = zoo.registry.commit("tiny@1", {"lm_head.weight": weights["lm_head.weight"] + 1}, "test").ref
+    refused = zoo_cli(capsys, home, "compose", "tiny@2", plain, "--name", "mixed")
+    assert refused.code == 2 and "add different biases" in refused.err
