@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from modelzoo.analyses.lm import LmParts, lm_parts, residual
@@ -89,6 +89,7 @@ def board_picture(panels: Sequence[BoardPanel], cell: int = 36) -> Image.Image:
     size = 8 * cell
     image = Image.new("RGB", (len(panels) * (size + 2 * margin), size + title + 2 * margin), "white")
     draw = ImageDraw.Draw(image)
+    draw.font = ImageFont.load_default(size=max(10, cell // 3))
     for p, panel in enumerate(panels):
         x0, y0 = p * (size + 2 * margin) + margin, title + margin
         draw.text((x0, margin // 2), panel.title, fill="black")
@@ -119,6 +120,7 @@ def accuracy_plot(rows: Sequence[dict[str, Any]], title: str, size: tuple[int, i
     left, right, top, bottom = 50, 170, 30, 40
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
+    draw.font = ImageFont.load_default(size=12)
     layers = sorted({int(r["layer"]) for r in rows})
     low = min(0.3, min(min(r["accuracy"], r["baseline_accuracy"]) for r in rows))
 

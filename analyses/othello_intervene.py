@@ -146,8 +146,8 @@ def random_cases(n: int, seed: int) -> list[Case]:
                 continue
             position = Position(int(games.black[g, t]), int(games.white[g, t]), int(games.to_move[g, t]))
             discs = squares_of(position.black | position.white)
-            edited = position.flipped(square(discs[int(rng.integers(len(discs)))]))
-            flip = int(np.flatnonzero([(position.black ^ edited.black) >> i & 1 for i in range(64)])[0])
+            flip = square(discs[int(rng.integers(len(discs)))])
+            edited = position.flipped(flip)
             if edited.legal() and edited.legal() != position.legal():
                 cases.append(Case(tuple(int(m) for m in games.moves[g, : t + 1]), flip, position, edited))
             if len(cases) == n:
@@ -213,7 +213,8 @@ def predicted(probs: Tensor, threshold: float) -> list[int]:
 
 
 def _names(squares: list[int] | int) -> list[str]:
-    return sorted(SQUARES[s] for s in squares) if isinstance(squares, list) else squares_of(squares)
+    """Square names in board order, of indices or of a bitboard."""
+    return [SQUARES[s] for s in sorted(squares)] if isinstance(squares, list) else squares_of(squares)
 
 
 class InterveneAnalyzer:
@@ -257,7 +258,7 @@ class InterveneAnalyzer:
             original.append(len(pred_before ^ original_legal))
         reads_edit = torch.stack([(readings[f"after_{layer}"] == target).all(-1) for layer in layers]).all(0)
         metrics: dict[str, Any] = {
-            "layer": stored.layer, "probe": stored.id, "kind": stored.kind, "labels": stored.labels,
+            "layer": stored.layer, "probe": stored.id, "probe_kind": stored.kind, "labels": stored.labels,
             "count": len(cases), "error": float(np.mean(errors)), "baseline_error": float(np.mean(baseline)),
             "original_error": float(np.mean(original)), "probe_reads_edit": float(reads_edit.float().mean()),
             "threshold": request.threshold,

@@ -47,10 +47,11 @@ class ProbeRequest:
     kind: str = "linear"
     labels: str = "mine-theirs"
     sweep: bool = False  # every layer, both kinds, both label sets; stores the table, no probes
-    games: int = 300
+    games: int = 200
     test_games: int = 100
-    width: int = 128  # the mlp probe's hidden layer
+    width: int = 256  # the mlp probe's hidden layer: wide enough for 64 squares' classes
     steps: int = 300
+    batch_size: int = 1024  # moves per Adam step
     lr: float = 1e-2
     seed: int = 0
 
@@ -61,8 +62,8 @@ class ProbeRequest:
             raise BadInput(f"unknown label set {self.labels!r}; choose one of {', '.join(LABEL_SETS)}")
         if self.sweep == (self.layer is not None):
             raise BadInput("give either --layer L or --sweep")
-        if min(self.games, self.test_games, self.width, self.steps) < 1 or self.lr <= 0:
-            raise BadInput("games, test games, width, steps and lr must be positive")
+        if min(self.games, self.test_games, self.width, self.steps, self.batch_size) < 1 or self.lr <= 0:
+            raise BadInput("games, test games, width, steps, batch size and lr must be positive")
 
 
 @dataclass(frozen=True)
@@ -80,9 +81,11 @@ class Probe:
         return (hidden @ t[last[0]] + t[last[1]]).unflatten(-1, (64, 3))
 
 
-def fit_probe(x: Tensor, y: Tensor, kind: str, width: int, steps: int, lr: float, seed: int) -> Probe:
-    """Fit on residuals x (n, hidden) and classes y (n, 64) with full-batch Adam. The inputs are
-    standardised inside the probe (folded into its first weights), so one learning rate fits every layer."""
+def fit_probe(x: Tensor, y: Tensor, kind: str, width: int, steps: int, lr: float, seed: int,
+              batch_size: int = 1024) -> Probe:
+    """Fit on residuals x (n, hidden) and classes y (n, 64) with Adam on random batches of moves. The
+    inputs are standardised inside the probe (folded into its first weights), so one learning rate fits
+    every layer."""
     generator = torch.Generator().manual_seed(seed)
     mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
     z = (x - mean) / std
@@ -96,7 +99,8 @@ def fit_probe(x: Tensor, y: Tensor, kind: str, width: int, steps: int, lr: float
     optimizer = torch.optim.Adam(params.values(), lr=lr)
     probe = Probe(kind, params)
     for _ in range(steps):
-        loss = F.cross_entropy(probe.logits(z).flatten(0, 1), y.flatten())
+        rows = torch.randint(len(z), (min(batch_size, len(z)),), generator=generator)
+        loss = F.cross_entropy(probe.logits(z[rows]).flatten(0, 1), y[rows].flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -210,7 +214,7 @@ class ProbeAnalyzer:
     @staticmethod
     def _fit(data: ProbeData, layer: int, request: ProbeRequest, kind: str, labels: str) -> Probe:
         return fit_probe(data.fit_x[layer], data.fit_y[labels], kind, request.width, request.steps, request.lr,
-                         request.seed)
+                         request.seed, request.batch_size)
 
     @staticmethod
     def _params(request: ProbeRequest) -> dict[str, object]:

@@ -44,7 +44,7 @@ def register(analyze_app: typer.Typer) -> None:
         kind: Annotated[str, typer.Option(help="linear or mlp.")] = "linear",
         labels: Annotated[str, typer.Option(help="mine-theirs (the player to move's) or black-white.")] = "mine-theirs",
         sweep: Annotated[bool, typer.Option("--sweep", help="Every layer, both kinds, both label sets.")] = False,
-        games: Annotated[int, typer.Option(help="New random games the probes are fitted on.")] = 300,
+        games: Annotated[int, typer.Option(help="New random games the probes are fitted on.")] = 200,
         test_games: Annotated[int, typer.Option(help="More new games that grade them.")] = 100,
         steps: Annotated[int, typer.Option(help="Adam steps per probe.")] = 300,
         seed: int = 0,
@@ -66,7 +66,8 @@ def register(analyze_app: typer.Typer) -> None:
             accuracy_plot(info.metrics["table"], f"probes of {info.ref}").save(path)
             if not as_json:
                 console.print(f"plot: {path}")
-        emit(summary(info), as_json, _render_probe)
+        # `kind` is the probe's (linear or mlp), as scripts read it; `analysis` says what the record is
+        emit({**summary(info), "analysis": info.kind}, as_json, _render_probe)
 
     @analyze_app.command("intervene")
     def intervene(
@@ -101,12 +102,14 @@ def register(analyze_app: typer.Typer) -> None:
                 return [SQUARE_INDEX[n] for n in names]
 
             board_picture([
-                BoardPanel("board", e["board_before"], at(e["legal_before"])),
-                BoardPanel(f"probe reads (layer {stored.layer})", e["probe_before"], at(e["predicted_before"])),
-                BoardPanel(f"flipped {e['flip']}", e["board_after"], at(e["legal_after"]), flipped),
-                BoardPanel("probe reads, edited", e["probe_after"], at(e["predicted_after"]), flipped),
+                BoardPanel("board (dots: legal moves)", e["board_before"], at(e["legal_before"])),
+                BoardPanel(f"probe at layer {stored.layer} (dots: predicted)", e["probe_before"],
+                           at(e["predicted_before"])),
+                BoardPanel(f"{e['flip']} flipped (dots: legal moves)", e["board_after"], at(e["legal_after"]), flipped),
+                BoardPanel("probe after the edit (dots: predicted)", e["probe_after"], at(e["predicted_after"]),
+                           flipped),
             ]).save(png)
-        emit(summary(info), as_json, _render_intervene)
+        emit({**summary(info), "analysis": info.kind}, as_json, _render_intervene)
 
 
 def _render_intervene(r: dict[str, Any]) -> None:

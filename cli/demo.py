@@ -24,15 +24,18 @@ from modelzoo.registry.records import VersionInfo
 def register(app: typer.Typer) -> None:
     @app.command()
     def demo(
+        world: Annotated[str, typer.Argument(help="shapes, or othello: Othello-GPT and its board.")] = "shapes",
         quick: Annotated[bool, typer.Option("--quick", help="A smaller world in about a minute (for tests).")] = False,
         seed: Annotated[int, typer.Option(help="Seed of the whole world; builds are cached per seed.")] = 0,
         out: Annotated[Path | None, typer.Option(help="Folder for the sample grids (default HOME/demo).")] = None,
     ) -> None:
-        """Build the offline shapes world and show what modelzoo does with it."""
+        """Build the offline shapes world (or Othello-GPT) and show what modelzoo does with it."""
         from modelzoo.cli.main import State
         from modelzoo.demo.catalog import world_models
         from modelzoo.demo.world import build_world
 
+        if world not in ("shapes", "othello"):
+            raise BadInput(f"unknown demo world {world!r}: shapes or othello")
         started = time.perf_counter()
         zoo = State.zoo()
         if zoo.list():
@@ -40,6 +43,9 @@ def register(app: typer.Typer) -> None:
             if not report.ok:
                 raise BadInput(f"the registry at {zoo.settings.home} has damaged blobs; run `zoo verify` first")
         profile = "quick" if quick else "full"
+        if world == "othello":
+            show_othello(zoo, profile, seed)
+            return
         models = world_models(profile)
         with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=errors,
                       transient=True, disable=not errors.is_terminal) as bar:
@@ -78,6 +84,30 @@ def register(app: typer.Typer) -> None:
         console.print(f"lineage of {lineage.ref}: ancestors {parents or 'none'} (`zoo lineage {lineage.ref}`)")
         console.print(f"done in {time.perf_counter() - started:.0f}s. Next: `zoo list`, `zoo show {built[0].ref}`, "
                       f"`zoo sample {built[-1].ref} --n 8 --grid grid.png`")
+
+
+def show_othello(zoo, profile: str, seed: int) -> None:  # type: ignore[no-untyped-def]
+    """Train (or reuse) Othello-GPT with a progress bar, then show its legal-move rate and its curve."""
+    from modelzoo.demo.othello_gpt import world_model
+    from modelzoo.demo.world import build_world
+
+    model = world_model(profile)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=errors,
+                  transient=True, disable=not errors.is_terminal) as bar:
+        task = bar.add_task("training othello-gpt", total=1.0)
+        (built,) = build_world(zoo, [model], profile, seed,
+                               lambda what, fraction: bar.update(task, description=what, completed=fraction))
+    m = built.metrics
+    table(f"{built.ref}: {'reused' if built.reused else f'trained in {built.seconds:.0f}s'} on {m['games_seen']:,} "
+          f"games ({m['parameters']:,} parameters)", ["measure", "value", "bar"], [
+              ["top-1 legal-move rate", f"{m['legal_top1']:.3f} on {m['eval_games']} new games",
+               f"{model.thresholds['legal_top1']}"],
+              ["worst move number", f"{m['legal_top1_worst_move']:.3f}", ""],
+              ["loss (a perfect model's)", f"{m['loss']:.3f} ({m['loss_floor']:.3f})", ""]])
+    table("legal-move rate against games seen", ["games seen", "top-1 legal"],
+          [[f"{games:,}", f"{rate:.3f}"] for games, rate in m["curve"]])
+    console.print(f"Next: `zoo analyze probe {built.ref} --sweep`, then "
+                  f"`zoo analyze intervene {built.ref} --probe ID --batch 100`")
 
 
 def show_search(zoo, built, profile: str, seed: int) -> None:  # type: ignore[no-untyped-def]

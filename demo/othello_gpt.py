@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from transformers.utils import logging as transformers_logging
 
 from modelzoo.demo.othello import MAX_MOVES, MOVE_SQUARES, SQUARES, Games, bits_of, move_tokens, random_games
 from modelzoo.demo.train_facts_lm import torch_threads, warmup_cosine
+from modelzoo.demo.world import WorldModel
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.families.lm import without_progress_bars
 
@@ -66,7 +68,7 @@ class OthelloProfile:
 
 
 PROFILES: dict[str, OthelloProfile] = {
-    "full": OthelloProfile(steps=2000),
+    "full": OthelloProfile(steps=3500, batch_size=32, warmup=100, threads=2),
     "quick": OthelloProfile(steps=60, batch_size=32, lr=3e-3, warmup=10, n_embd=64, n_layer=2, n_head=2,
                             eval_games=100, curve_points=2, curve_games=50),
 }
@@ -124,7 +126,7 @@ def legal_move_rate(model: GPT2LMHeadModel, games: Games, batch_size: int = 250)
 
 
 def train_othello_gpt(out_dir: Path, seed: int = 0, profile: str | OthelloProfile = "full",
-                      progress: Progress | None = None) -> dict[str, object]:
+                      progress: Progress | None = None) -> dict[str, Any]:
     """Train Othello-GPT, save model and tokenizer into `out_dir` (a transformers folder), return metrics:
     `legal_top1` on `eval_games` new games (the bar: 0.95 for the full profile), `legal_top1_worst_move`
     (the lowest rate at any one move number), `curve` ([games seen, rate on `curve_games` new games]),
@@ -187,3 +189,15 @@ def next_move_loss_floor(games: Games) -> float:
     counts = np.bitwise_count(games.legal)
     return float(np.log(counts[counts > 0]).mean())
 
+
+
+LEGAL_TOP1_BARS = {"full": 0.95, "quick": 0.2}
+
+
+def world_model(profile: str) -> WorldModel:
+    """Othello-GPT as a model of the demo world (`zoo demo othello`): registered with its training
+    provenance, tagged, cached per profile and seed."""
+    return WorldModel("othello-gpt", train_othello_gpt,
+                      {"data": "synthetic Othello games, uniformly random legal moves"},
+                      {"legal_top1": LEGAL_TOP1_BARS[profile]}, {"world": "othello"},
+                      "Othello-GPT: a GPT-2 trained on random Othello games that predicts legal moves")
