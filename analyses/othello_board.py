@@ -73,6 +73,12 @@ def board_labels(black: np.ndarray, white: np.ndarray, player: np.ndarray, label
     return classes.astype(np.int64)
 
 
+def as_black_white(classes: Sequence[int] | Tensor, player: int, labels: str) -> list[int]:
+    """Board classes in black/white terms: a mine/theirs reading is turned when white is to move."""
+    swap = labels == "mine-theirs" and player != BLACK
+    return [3 - int(c) if swap and int(c) > 0 else int(c) for c in classes]
+
+
 @dataclass(frozen=True)
 class BoardPanel:
     """One board of a picture: a title, 64 classes (0 empty, 1 black, 2 white) and marked squares."""

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from modelzoo.analyses.base import AnalysisProgress, report
 from modelzoo.analyses.lm import LmParts, residual, with_residual
-from modelzoo.analyses.othello_board import board_labels, check_layer, othello_parts
+from modelzoo.analyses.othello_board import as_black_white, board_labels, check_layer, othello_parts
 from modelzoo.analyses.probe import Probe
 from modelzoo.demo.othello import (
     MOVE_SQUARES,
@@ -265,8 +265,8 @@ class InterveneAnalyzer:
         }
         first = cases[0]
         to_black_white = _labels([first.before, first.after], "black-white")
-        probe_black_white = [_as_black_white(readings["before"][0], first.before, stored.labels),
-                             _as_black_white(readings[f"after_{stored.layer}"][0], first.after, stored.labels)]
+        probe_black_white = [as_black_white(readings["before"][0], first.before.to_move, stored.labels),
+                             as_black_white(readings[f"after_{stored.layer}"][0], first.after.to_move, stored.labels)]
         metrics["example"] = {
             "game": " ".join(SQUARES[m] for m in first.moves), "flip": SQUARES[first.flip],
             "legal_before": _names(first.before.legal()), "legal_after": _names(first.after.legal()),
@@ -278,10 +278,3 @@ class InterveneAnalyzer:
         input_hash = data_hash({"cases": [[list(c.moves), c.flip] for c in cases], "probe": stored.id})
         return NewAnalysis("intervene", request.params(), metrics, input_hash)
 
-
-def _as_black_white(classes: Tensor, position: Position, labels: str) -> list[int]:
-    """A probe's reading in black/white terms (mine is the player to move's colour)."""
-    out = classes.clone()
-    if labels == "mine-theirs" and position.to_move != 0:
-        out = torch.where(out > 0, 3 - out, out)
-    return [int(c) for c in out]

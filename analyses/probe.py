@@ -31,8 +31,16 @@ from transformers import AutoModelForCausalLM
 
 from modelzoo.analyses.base import AnalysisProgress, report
 from modelzoo.analyses.lm import LmParts
-from modelzoo.analyses.othello_board import LABEL_SETS, board_labels, check_layer, next_player, othello_parts, residuals
-from modelzoo.demo.othello import Games, move_tokens, random_games
+from modelzoo.analyses.othello_board import (
+    LABEL_SETS,
+    as_black_white,
+    board_labels,
+    check_layer,
+    next_player,
+    othello_parts,
+    residuals,
+)
+from modelzoo.demo.othello import SQUARES, Games, move_tokens, random_games
 from modelzoo.registry.analyses import NewAnalysis, data_hash
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.families.base import LoadedModel
@@ -126,6 +134,7 @@ class ProbeData:
     test_x: dict[int, Tensor]
     fit_y: dict[str, Tensor]
     test_y: dict[str, Tensor]
+    test_games: Games
 
 
 def _moves(games: Games) -> np.ndarray:
@@ -144,7 +153,7 @@ def probe_data(parts: LmParts, request: ProbeRequest, layers: list[int], label_s
         player = next_player(games)
         ys[split] = {labels: torch.from_numpy(board_labels(games.black, games.white, player, labels)[played])
                      for labels in label_sets}
-    return ProbeData(xs["fit"], xs["test"], ys["fit"], ys["test"])
+    return ProbeData(xs["fit"], xs["test"], ys["fit"], ys["test"], sets["test"])
 
 
 def random_twin(parts: LmParts, seed: int) -> LmParts:
@@ -152,6 +161,21 @@ def random_twin(parts: LmParts, seed: int) -> LmParts:
     torch.manual_seed(seed)
     lm = AutoModelForCausalLM.from_config(parts.lm.config).eval()
     return replace(parts, lm=lm)
+
+
+def _example(data: ProbeData, tensors: dict[str, Tensor], request: ProbeRequest) -> dict[str, object]:
+    """The first test game at its 30th move (or its end): the board and the probe's reading at `layer`,
+    both in black/white terms, for a picture."""
+    assert request.layer is not None
+    games = data.test_games
+    t = min(29, int(games.lengths[0]) - 1)  # rows of the first game come first
+    probe = Probe(request.kind, {name.split(".", 1)[1]: v for name, v in tensors.items()
+                                 if name.startswith(f"layer{request.layer}.")})
+    player = int(next_player(games)[0, t])
+    reading = probe.logits(data.test_x[request.layer][t]).argmax(-1)
+    return {"game": " ".join(SQUARES[m] for m in games.moves[0, : t + 1]), "move": t + 1,
+            "board": as_black_white(data.test_y[request.labels][t], player, request.labels),
+            "probe": as_black_white(reading, player, request.labels)}
 
 
 class ProbeAnalyzer:
@@ -183,6 +207,7 @@ class ProbeAnalyzer:
         baseline = probe_data(random_twin(parts, request.seed), request, [request.layer], [request.labels])
         base_probe = self._fit(baseline, request.layer, request, request.kind, request.labels)
         metrics = {
+            "example": _example(data, tensors, request),
             "layer": request.layer, "kind": request.kind, "labels": request.labels,
             "accuracy": by_layer[str(request.layer)],
             "baseline_accuracy": round(accuracy(base_probe, baseline.test_x[request.layer],

@@ -14,6 +14,8 @@ from modelzoo.registry.analyses import parse_analysis_id
 from modelzoo.registry.records import AnalysisInfo
 
 Png = Annotated[Path | None, typer.Option("--png", help="Write a picture to this PNG file.")]
+ProbePng = Annotated[Path | None, typer.Option("--png", help="With --layer: a test board beside the probe's reading. "
+                                                       "With --sweep: the accuracy plot (default HOME/plots).")]
 
 
 def _analyze(ref: str, kind: str, request: Any, device: str, quiet: bool) -> AnalysisInfo:
@@ -48,12 +50,12 @@ def register(analyze_app: typer.Typer) -> None:
         test_games: Annotated[int, typer.Option(help="More new games that grade them.")] = 100,
         steps: Annotated[int, typer.Option(help="Adam steps per probe.")] = 300,
         seed: int = 0,
-        png: Png = None,
+        png: ProbePng = None,
         device: Device = "cpu",
         as_json: JsonFlag = False,
     ) -> None:
         """Board-state probes: one 3-way classifier per square on the residual stream after a block."""
-        from modelzoo.analyses.othello_board import accuracy_plot
+        from modelzoo.analyses.othello_board import BoardPanel, accuracy_plot, board_picture
         from modelzoo.analyses.probe import ProbeRequest
 
         request = ProbeRequest(layer=layer, kind=kind, labels=labels, sweep=sweep, games=games,
@@ -66,6 +68,11 @@ def register(analyze_app: typer.Typer) -> None:
             accuracy_plot(info.metrics["table"], f"probes of {info.ref}").save(path)
             if not as_json:
                 console.print(f"plot: {path}")
+        elif png is not None:
+            e = info.metrics["example"]
+            wrong = [i for i, (a, b) in enumerate(zip(e["board"], e["probe"], strict=True)) if a != b]
+            board_picture([BoardPanel(f"board after move {e['move']} of a test game", e["board"]),
+                           BoardPanel(f"{kind} probe at layer {layer} (red: wrong)", e["probe"], (), wrong)]).save(png)
         # `kind` is the probe's (linear or mlp), as scripts read it; `analysis` says what the record is
         emit({**summary(info), "analysis": info.kind}, as_json, _render_probe)
 

@@ -111,13 +111,16 @@ def test_editing_a_residual_makes_the_probe_read_the_edited_board():
 def test_zoo_analyze_probe_and_intervene_store_their_results(capsys, quick, tmp_path):
     home, _ = quick
     probe = zoo_cli(capsys, home, "analyze", "probe", "othello-gpt", "--layer", "0", "--games", "40",
-                    "--test-games", "10", "--steps", "60", "--json")
+                    "--test-games", "10", "--steps", "60", "--png", str(tmp_path / "probe.png"), "--json")
     assert probe.code == 0, probe.err
     p = json.loads(probe.out)
     assert {"id", "kind", "layer", "labels", "accuracy", "baseline_accuracy"} <= set(p)
     assert p["analysis"] == "probe" and p["kind"] == "linear" and p["layer"] == 0 and p["labels"] == "mine-theirs"
     assert p["layers"] == [0, 1]
     assert 0.3 < p["baseline_accuracy"] < 1 and 0.3 < p["accuracy"] <= 1
+    truth = play(p["example"]["game"].split())[-1]
+    assert p["example"]["board"] == [truth.owner(i) + 1 for i in range(64)]  # black 1, white 2, empty 0
+    assert Image.open(tmp_path / "probe.png").size[0] > Image.open(tmp_path / "probe.png").size[1]
     png = tmp_path / "board.png"
     one = zoo_cli(capsys, home, "analyze", "intervene", "othello-gpt", "--probe", str(p["id"]), "--game", OPENING,
                   "--flip", "d4", "--steps", "100", "--lr", "0.05", "--png", str(png), "--json")
