@@ -44,8 +44,9 @@ def test_quick_demo_registers_the_model_with_its_training_and_curve(quick):
     info = modelzoo.open(home).get("othello-gpt")
     assert info.ref == "othello-gpt@1" and info.method == "train" and info.family == "lm"
     assert info.params["profile"] == "quick" and info.params["seed"] == 0
-    # measured 0.37 for seed 0; a model that ignores the game picks a legal move about 1 time in 6
-    assert metrics["legal_top1"] >= 0.25
+    # measured 0.27 for seed 0 after 1,920 games; a randomly initialised model: 0.002 (a uniform pick among
+    # the empty squares would reach 0.41, the full build 0.95)
+    assert metrics["legal_top1"] >= 0.2 and metrics["curve"][1][1] > metrics["curve"][0][1]
     assert [g for g, _ in metrics["curve"]] == [960, 1920] and metrics["games_seen"] == 1920
     assert metrics["loss"] > metrics["loss_floor"] > 1.0
 
