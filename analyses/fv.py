@@ -22,7 +22,7 @@ accuracy (then probability) on training queries; the test pairs only grade.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -203,23 +203,28 @@ def function_vector(parts: LmParts, a: Tensor, heads: Sequence[tuple[int, int]])
     return v
 
 
+def added_at_last_token(vector: Tensor) -> Callable[[str, Any], Any]:
+    """An output editor for a block: `vector` added to its residual output at the last token."""
+    def add(name: str, output: Any) -> Any:
+        hidden = residual(output).clone()
+        hidden[:, -1] += vector.to(hidden)
+        return with_residual(output, hidden)
+
+    return add
+
+
 @torch.no_grad()
 def answer_scores(parts: LmParts, trials: Sequence[Trial], layer: int | None = None,
                   vector: Tensor | None = None) -> tuple[float, float]:
     """(top-1 accuracy, mean probability) of the trials' answers, with `vector` added to the residual
     after block `layer` at the last token when given."""
-    def add(name: str, output: Any) -> Any:
-        hidden = residual(output).clone()
-        hidden[:, -1] += vector.to(hidden)  # type: ignore[union-attr]
-        return with_residual(output, hidden)
-
     hits, p = 0, 0.0
     for t in trials:
         ids = torch.tensor([t.ids], device=parts.lm.device)
         if vector is None or layer is None:
             logits = parts.lm(ids).logits
         else:
-            with trace(parts.lm, parts.block(layer), edit_output=add, retain_output=False):
+            with trace(parts.lm, parts.block(layer), edit_output=added_at_last_token(vector), retain_output=False):
                 logits = parts.lm(ids).logits
         probs = logits[0, -1].float().softmax(-1)
         hits += int(probs.argmax()) == t.answer

@@ -60,29 +60,42 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 import modelzoo
-from modelzoo.analyses.fv import FvRequest, Trial, answer_scores, prompt, read_pairs, task_path, zero_shot_trials
-from modelzoo.analyses.lm import lm_parts
+from modelzoo.analyses.fv import (
+    FvRequest,
+    Pair,
+    Trial,
+    added_at_last_token,
+    answer_scores,
+    prompt,
+    read_pairs,
+    task_path,
+    zero_shot_trials,
+)
+from modelzoo.analyses.lm import LmParts, lm_parts
 from modelzoo.analyses.lre import LreRequest, read_facts
 from modelzoo.demo.real_facts import DEFAULT_FILE, load
 from modelzoo.editors.fv import FvBake
 from modelzoo.registry.analyses import data_hash
-from modelzoo.registry.errors import BadInput
 from modelzoo.registry.families.gguf import smollm2_gguf_path
+from modelzoo.registry.tracing import trace
 
 RELATIONS = ("capital", "language", "currency", "continent")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("part", choices=["lre", "fv", "bake", "icl"])
+    parser.add_argument("part", choices=["lre", "fv", "bake", "natural", "icl"])
     parser.add_argument("--home", type=Path, default=None, help="a registry to reuse (bake: the fv run's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--relations", nargs="*", default=list(RELATIONS))
@@ -102,6 +115,9 @@ def main() -> None:
     if args.part == "bake":
         bake(zoo, args.tasks, args.scale)
         return
+    if args.part == "natural":
+        natural(zoo, args.tasks)
+        return
     ref = zoo.import_(smollm2_gguf_path(Path(tempfile.gettempdir()) / "modelzoo-smollm2"), "smol").ref
     if args.part == "icl":
         icl(zoo, ref, args.tasks, args.seed)
@@ -111,19 +127,28 @@ def main() -> None:
         for relation in args.relations:
             request = LreRequest(facts=tuple(facts), relation=relation, train=args.train,
                                  layers=tuple(args.layers) if args.layers else None)
-            started = time.perf_counter()
-            info = zoo.analyze(ref, "lre", request)
-            print(json.dumps({"seed": args.seed, "seconds": round(time.perf_counter() - started),
-                              "id": info.id, **info.metrics}), flush=True)
+            with timed() as took:
+                info = zoo.analyze(ref, "lre", request)
+            print(json.dumps({"seed": args.seed, **took, "id": info.id, **info.metrics}), flush=True)
     else:
         layers = tuple(args.layers) if args.layers else (3, 5, 7, 9, 11, 13, 15, 18)
         for task in args.tasks:
             request = FvRequest(task=tuple(read_pairs(task_path(task))), layers=layers,
                                 head_counts=tuple(args.head_counts), seed=args.seed)
-            started = time.perf_counter()
-            info = zoo.analyze(ref, "fv", request)
-            print(json.dumps({"task": task, "seed": args.seed, "seconds": round(time.perf_counter() - started),
-                              "id": info.id, **info.metrics}), flush=True)
+            with timed() as took:
+                info = zoo.analyze(ref, "fv", request)
+            print(json.dumps({"task": task, "seed": args.seed, **took, "id": info.id, **info.metrics}), flush=True)
+
+
+@contextmanager
+def timed() -> Iterator[dict[str, float]]:
+    """Wall and CPU seconds of the block (CPU over all threads), and the load average it ran under: on a
+    shared machine wall seconds stretch with the load, CPU seconds much less."""
+    took: dict[str, float] = {}
+    wall, cpu = time.perf_counter(), time.process_time()
+    yield took
+    took.update(seconds=round(time.perf_counter() - wall), cpu_seconds=round(time.process_time() - cpu),
+                load=round(os.getloadavg()[0], 1))
 
 
 def icl(zoo: modelzoo.Zoo, ref: str, tasks: list[str], seed: int) -> None:
@@ -146,7 +171,59 @@ def _neighbourhood(zoo: modelzoo.Zoo, ref: str) -> float:
     return answer_scores(parts, trials)[0]
 
 
+# the paper's natural-text check (section 3): does the answer show up in a short greedy continuation?
+NATURAL = ('The word "{}" means', "When I think of {}, I usually",
+           'While reading a book, I came across the word "{}". I looked it up in a dictionary and it turns out '
+           "that it means")
+
+
+@torch.no_grad()
+def _continuation(parts: LmParts, text: str, layer: int, vector: torch.Tensor | None, steps: int = 5) -> str:
+    """Greedy `steps` tokens after `text`, with `vector` added after block `layer` at the last token of
+    each pass when given."""
+    ids = parts.ids(text)
+    start = len(ids)
+    for _ in range(steps):
+        tokens = torch.tensor([ids])
+        if vector is None:
+            logits = parts.lm(tokens).logits
+        else:
+            with trace(parts.lm, parts.block(layer), edit_output=added_at_last_token(vector), retain_output=False):
+                logits = parts.lm(tokens).logits
+        ids.append(int(logits[0, -1].argmax()))
+    return str(parts.tokenizer.decode(ids[start:]))
+
+
+def natural(zoo: modelzoo.Zoo, tasks: list[str]) -> None:
+    """Each task's stored vector (from `fv --home H`) on its test words in natural-text templates: the share
+    of continuations that contain the answer, without and with the vector at the last token."""
+    ref = "smol@1"
+    by_hash = {a.input_hash: a for a in zoo.analyses(ref, "fv")}
+    parts = lm_parts(zoo.load(ref))
+    for task in tasks:
+        train, test = FvRequest(task=tuple(read_pairs(task_path(task)))).split()
+        analysis = by_hash[data_hash({"task": [p.__dict__ for p in train], "test": [p.__dict__ for p in test]})]
+        v = zoo.analysis_tensors(analysis.id)["function_vector"]
+        layer = int(analysis.metrics["layer"])
+        shares = {}
+        for template in NATURAL:
+            hits = {"base": 0, "fv": 0}
+            for pair in test:
+                text = template.format(pair.input)
+                hits["base"] += pair.output in _continuation(parts, text, layer, None)
+                hits["fv"] += pair.output in _continuation(parts, text, layer, v)
+            shares[template] = {k: round(h / len(test), 3) for k, h in hits.items()}
+        print(json.dumps({"task": task, "analysis": analysis.id, "layer": layer, "tested": len(test),
+                          "natural_text": shares}), flush=True)
+
+
+def _zero_shot_test(task: str) -> list[Pair]:
+    return FvRequest(task=tuple(read_pairs(task_path(task)))).split()[1]
+
+
 def bake(zoo: modelzoo.Zoo, tasks: list[str], scale: float) -> None:
+    """Each task's vector baked into a child; then the first two children composed (both vectors, each
+    after its own layer), scored on both tasks and on the neighbourhood prompts."""
     ref = "smol@1"
     by_hash = {a.input_hash: a for a in zoo.analyses(ref, "fv")}
     children = []
@@ -154,22 +231,28 @@ def bake(zoo: modelzoo.Zoo, tasks: list[str], scale: float) -> None:
     for task in tasks:
         train, test = FvRequest(task=tuple(read_pairs(task_path(task)))).split()
         analysis = by_hash[data_hash({"task": [p.__dict__ for p in train], "test": [p.__dict__ for p in test]})]
+        started = time.perf_counter()
         child = zoo.apply_function_vector(ref, FvBake(analysis.id, scale=scale), name=f"smol-fv-{task}")
+        seconds = time.perf_counter() - started
         children.append(child.ref)
         parts = lm_parts(zoo.load(child.ref))
         zero, zero_p = answer_scores(parts, zero_shot_trials(parts, test))
         print(json.dumps({"task": task, "analysis": analysis.id, "child": child.ref, "scale": scale,
-                          "layer": analysis.metrics["layer"],
+                          "bake_seconds": round(seconds, 1), "layer": analysis.metrics["layer"],
                           "zero_shot_last_token": analysis.metrics["zero_shot"],
                           "zero_shot_p_last_token": analysis.metrics["zero_shot_p"],
                           "child_zero_shot": zero, "child_zero_shot_p": zero_p,
                           "neighbourhood": {"base": base_neighbours, "child": _neighbourhood(zoo, child.ref)}}),
               flush=True)
-    try:
-        composed = zoo.compose(children[:2], name="smol-fv-composed").ref
-        print(json.dumps({"compose": children[:2], "ref": composed}), flush=True)
-    except BadInput as error:
-        print(json.dumps({"compose": children[:2], "refused": str(error)}), flush=True)
+    if len(children) < 2:
+        return
+    composed = zoo.compose(children[:2], name="smol-fv-composed").ref
+    parts = lm_parts(zoo.load(composed))
+    scores = {task: answer_scores(parts, zero_shot_trials(parts, _zero_shot_test(task))) for task in tasks[:2]}
+    print(json.dumps({"compose": children[:2], "ref": composed, "scale": scale,
+                      "zero_shot": {t: a for t, (a, _) in scores.items()},
+                      "zero_shot_p": {t: p for t, (_, p) in scores.items()},
+                      "neighbourhood": _neighbourhood(zoo, composed)}), flush=True)
 
 
 if __name__ == "__main__":
