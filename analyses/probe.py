@@ -158,8 +158,9 @@ def probe_data(parts: LmParts, request: ProbeRequest, layers: list[int], label_s
 
 def random_twin(parts: LmParts, seed: int) -> LmParts:
     """The same architecture freshly initialised (seeded), for the baseline."""
-    torch.manual_seed(seed)
-    lm = AutoModelForCausalLM.from_config(parts.lm.config).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        lm = AutoModelForCausalLM.from_config(parts.lm.config).eval()
     return replace(parts, lm=lm)
 
 
