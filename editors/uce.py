@@ -40,6 +40,25 @@ erasing "blue" towards "" with the shape templates: with the other colours prese
 blue samples and kept 97-100% of every other colour's agreement; "last" removed none, with or without
 preservation; without templates neither choice removed any (that text encoder never saw a bare colour).
 
+Preservation (`preserve_mode`). "penalty" is the paper's: the s_p term only pulls preserved outputs back
+towards their old values, so they drift (MACE's tables: plain UCE at 100 artists, FID-30K 77.7). "nullspace"
+follows AlphaEdit (arXiv 2410.02355) and SPEED (arXiv 2503.07392): the keys K_p are the text encoder's
+outputs at every position of every preserved text (in every template), the change is confined to the
+null space of K_p K_p^T (`null_space_projector`, eigenvalues below `nullspace_threshold` x the keys' mean
+squared norm) and solved there in closed form (`nullspace_map`), so preserved outputs stay as they were.
+Of SPEED's refinements one is taken: the empty prompt's keys always join K_p (`keep_empty`; SPEED's
+invariant null text), which keeps classifier-free guidance's unconditional branch. Its influence-based
+filter of the prior concepts is not: it frees room by giving up the preservation of prompts the erasure
+moves little, and here every preserved prompt is kept exactly. The default threshold 1e-8 keeps only the
+directions no preserved key reaches (float error; on a 256-wide text encoder with 31 prompts x 8 positions,
+drift 7.5e-12, where 1e-6 let 2 more dimensions in and drifted 1e-3). A text encoder whose outputs fill few
+dimensions leaves little room beyond them: the quick shapes-world model's 64-wide keys of 9 texts keep
+26 null dimensions at 1e-8 and 51 at 1e-3, and erasing blue and yellow with red and green preserved needs
+1e-3 (seed 1: yellow fell 28% at 1e-8, 84% at 1e-3, red and green kept 100%). A colour lying between two
+preserved ones along the encoder's hue line (green between yellow and blue, or beside red and yellow)
+fell 7-17% at every setting tried, where the penalty erased it fully: what the preserved keys span
+cannot be erased without moving them.
+
 Debias iterates like the reference; two deviations, both measured there: attribute rows are taken at the
 end of each attribute's text, aligned with the prompt's last token ("circle", end-of-text, ... of "a
 circle" and of "a red circle"), and the step halves when a gap changes sign, since colour flips sharply
@@ -69,8 +88,10 @@ if TYPE_CHECKING:
 
 Mode = Literal["erase", "debias", "moderate"]
 TokenChoice = Literal["last", "last_and_following"]
+PreserveMode = Literal["penalty", "nullspace"]
 MODES: tuple[str, ...] = ("erase", "debias", "moderate")
 TOKEN_CHOICES: tuple[str, ...] = ("last", "last_and_following")
+PRESERVE_MODES: tuple[str, ...] = ("penalty", "nullspace")
 PROJECTIONS: tuple[str, ...] = ("to_k", "to_v")
 EXPANSIONS: tuple[str, ...] = ("image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}")
 """The reference's `--expand_prompts` templates for objects, applied to a concept and its guide alike."""
@@ -90,6 +111,16 @@ class UceRequest:
     targets: tuple[str, ...] = ()
     """Guide concept per erased concept; none means "" for all, one is used for all."""
     preserve: tuple[str, ...] = ()
+    preserve_mode: PreserveMode = "penalty"
+    """"penalty": UCE's own preservation term (preserved outputs pulled back towards their old values);
+    "nullspace": the change is projected onto the null space of the preserved keys, so they keep their
+    outputs (AlphaEdit / SPEED; see `nullspace_map`)."""
+    nullspace_threshold: float = 1e-8
+    """Null-space mode: eigenvalues of K_p K_p^T below this fraction of the keys' mean squared norm span
+    the null space (`null_space_projector`)."""
+    keep_empty: bool = True
+    """Null-space mode: the empty prompt's keys join the preserved ones (SPEED's invariant null text: the
+    unconditional branch of classifier-free guidance stays as it was)."""
     mode: Mode = "erase"
     debias: tuple[str, ...] = ()
     """Prompts whose attribute mix is balanced (mode debias), e.g. "a circle"."""
@@ -143,13 +174,48 @@ class ConceptRows:
 
 
 def uce_map(rows: ConceptRows, lam: float, erase_scale: float, preserve_scale: float) -> torch.Tensor:
-    """M with W' = W M for every edited projection: M = N A^-1 (see the module docstring), float64."""
+    """M with W' = W M for every edited projection, preserving by penalty: M = N A^-1 (see the module
+    docstring), float64."""
     C, G, P = rows.C.double(), rows.G.double(), rows.P.double()
     eye = torch.eye(C.shape[1], dtype=torch.float64, device=C.device)
     A = lam * eye + erase_scale * C.T @ C + preserve_scale * P.T @ P
     N = lam * eye + erase_scale * G.T @ C + preserve_scale * P.T @ P
     # M A = N with A symmetric: A M^T = N^T, one solve.
     return torch.linalg.solve(A, N.T).T
+
+
+def null_space_projector(Kp: torch.Tensor, threshold: float) -> torch.Tensor:
+    """P = U_0 U_0^T (AlphaEdit, arXiv 2410.02355, eq. 5; SPEED, arXiv 2503.07392, sec. 3): U_0 the
+    eigenvectors of K_p K_p^T (keys as columns; `Kp` holds them as rows, so Kp^T Kp) whose eigenvalues are
+    at most `threshold` x tr(K_p K_p^T) / m, the mean squared norm of the m keys (AlphaEdit thresholds the
+    eigenvalues of the mean K_p K_p^T / m absolutely; dividing by the mean norm too makes the threshold
+    scale-free). A key's share along the kept directions is then small: sum_k |P k|^2 is the sum of
+    those eigenvalues, at most n_0 x threshold x the mean |k|^2. float64, d x d."""
+    S = Kp.double().T @ Kp.double()
+    lam_k, U = torch.linalg.eigh(S)
+    U0 = U[:, lam_k <= threshold * torch.trace(S) / max(len(Kp), 1)]
+    return U0 @ U0.T
+
+
+def nullspace_map(rows: ConceptRows, P: torch.Tensor, lam: float, erase_scale: float) -> torch.Tensor:
+    """M with W' = W M, preserving by null-space projection: the change is Delta P with P the projector of
+    `null_space_projector`, and Delta minimises UCE's erase and ridge terms (paper, eq. 7) in that space,
+
+        min_Delta  s_e sum_i |(W + Delta P) c_i - W g_i|^2 + lam |Delta P|_F^2
+
+    (AlphaEdit's eq. 8 with UCE's objective). Setting the gradient to zero, with R = W (G - C)^T and
+    B = s_e P C^T C P + lam I (which commutes with P):
+
+        Delta P = s_e R C P B^-1,   so   M = I + s_e (G - C)^T C P B^-1,
+
+    again the same d x d map for every projection. For a preserved key k, W' k - W k = Delta P k, and
+    |P k|^2 is at most the sum of the eigenvalues below the threshold: zero for keys in the span of the
+    kept eigenvectors. float64."""
+    C, G = rows.C.double(), rows.G.double()
+    eye = torch.eye(C.shape[1], dtype=torch.float64, device=C.device)
+    B = erase_scale * P @ C.T @ C @ P + lam * eye
+    # (M - I)^T = s_e B^-1 P C^T (G - C), B and P symmetric: one solve.
+    return eye + erase_scale * torch.linalg.solve(B, P @ C.T @ (G - C)).T
 
 
 class UceEditor:
@@ -188,8 +254,16 @@ class UceEditor:
 
         applied = [torch.eye(W0[0].shape[1], dtype=torch.float64, device=W0[0].device)]  # the map the weights now hold
 
+        projector = (null_space_projector(plan.preserved_keys(), plan.resolved.nullspace_threshold)
+                     if plan.resolved.preserve_mode == "nullspace" else None)
+        if projector is not None and not projector.any():
+            raise BadInput(f"the preserved prompts' {len(plan.preserved_keys())} token embeddings span all "
+                           f"{projector.shape[0]} dimensions, so nothing can change without moving them: preserve "
+                           "fewer prompts or raise nullspace_threshold")
+
         def apply(rows: ConceptRows) -> None:
-            M = uce_map(rows, request.lam, request.erase_scale, request.preserve_scale)
+            M = (uce_map(rows, request.lam, request.erase_scale, request.preserve_scale) if projector is None
+                 else nullspace_map(rows, projector, request.lam, request.erase_scale))
             with torch.no_grad():
                 for module, w in zip(modules, W0, strict=True):
                     module.weight.copy_((w.double() @ M).to(w.dtype))
@@ -205,6 +279,10 @@ class UceEditor:
             if progress is not None:
                 progress(1, 1, {})
         metrics |= _fit_metrics(rows, W0, applied[0])
+        if projector is not None:
+            keys = plan.preserved_keys()
+            metrics |= {"null_space_dim": round(float(torch.trace(projector))), "preserved_keys": len(keys),
+                        "preserve_drift_max": _largest_drift(keys, W0, applied[0])}
         changed = changed_tensors(model, list(before), before)
         metrics |= {"edited_tensors": len(changed), "concept_rows": rows.counts}
         settings = {k: v for k, v in asdict(plan.resolved).items() if k != "read"}
@@ -243,6 +321,13 @@ class _Plan:
     """Per pair, in debias mode: its prompt's number and the attribute texts in the pair's template."""
     hidden: torch.Tensor
     index: dict[str, int]
+    kept: list[str] = field(default_factory=list)
+    """Null-space mode: the texts every position of which is a preserved key."""
+
+    def preserved_keys(self) -> torch.Tensor:
+        """K_p as rows: the text encoder's output at every position of every kept text (what the UNet's
+        cross-attention reads of them, padding included)."""
+        return torch.cat([self.hidden[self.index[t]] for t in self.kept])
 
     def _aligned(self, spans: Sequence[Span]) -> list[torch.Tensor]:
         """Each span's start token, or ("last_and_following") it and the positions after it, cut to a
@@ -279,6 +364,14 @@ def _check_numbers(r: UceRequest) -> None:
         raise BadInput(f"unknown UCE mode {r.mode!r}; choose {', '.join(MODES)}")
     if r.tokens not in TOKEN_CHOICES:
         raise BadInput(f"unknown token choice {r.tokens!r}; choose {', '.join(TOKEN_CHOICES)}")
+    if r.preserve_mode not in PRESERVE_MODES:
+        raise BadInput(f"unknown preserve mode {r.preserve_mode!r}; choose {', '.join(PRESERVE_MODES)}")
+    if not 0 <= r.nullspace_threshold < 1:
+        raise BadInput(f"nullspace_threshold is a fraction of the keys' mean squared norm in [0, 1), got "
+                       f"{r.nullspace_threshold}")
+    if r.preserve_mode == "nullspace" and not r.preserve and not r.keep_empty:
+        raise BadInput("null-space mode keeps the preserved concepts' outputs: give --preserve, or keep the "
+                       "empty prompt (keep_empty)")
     if not (r.lam > 0 and math.isfinite(r.lam)):
         raise BadInput(f"lam must be a positive number (it keeps the solve invertible), got {r.lam}")
     for what, value in (("erase_scale", r.erase_scale), ("preserve_scale", r.preserve_scale)):
@@ -369,12 +462,16 @@ def _plan(side: TextSide, request: UceRequest) -> _Plan:
             own = span("{}", prompt, "debias prompt")
             pairs.append((own, own))
             attributes.append((p, [span(t, a, "attribute", at_end=True) for a in r.attributes]))
+    kept = []
+    if r.preserve_mode == "nullspace":
+        empty = [span("{}", "", "preserved concept", allow_empty=True)] if r.keep_empty else []
+        kept = list(dict.fromkeys(text for text, _ in [*preserve, *empty]))
     edited = {ids[text]: text for (text, _), _ in pairs}
-    clash = [(edited[ids[text]], text) for text, _ in preserve if ids[text] in edited]
+    clash = [(edited[ids[text]], text) for text in [*(t for t, _ in preserve), *kept] if ids[text] in edited]
     if clash:
         raise BadInput(f"{clash[0][0]!r} is both edited and preserved; drop it from one of the two sets")
     texts = list(ids)
-    return _Plan(r, pairs, preserve, attributes, side.encode(texts), {t: i for i, t in enumerate(texts)})
+    return _Plan(r, pairs, preserve, attributes, side.encode(texts), {t: i for i, t in enumerate(texts)}, kept)
 
 
 def clip_reader(encoder: ClipEncoder, request: UceRequest) -> AttributeReader:
@@ -473,6 +570,15 @@ def _debias(
         "iterations": iteration, "observed_ratios": shares.round(4).tolist(), "read_share": read.round(4).tolist(),
         "attribute_scales": scales.round(4).tolist(), "ratio_history": history, "final_step": step,
     }
+
+
+def _largest_drift(keys: torch.Tensor, W0: Sequence[torch.Tensor], M: torch.Tensor) -> float:
+    """max over keys k of |W (M - I) k| / |W k|, the edited projections stacked (via K = sum_l W_l^T W_l)."""
+    K = sum(w.double().T @ w.double() for w in W0)
+    assert isinstance(K, torch.Tensor)
+    X = keys.double()
+    D = X @ (M - torch.eye(M.shape[0], dtype=M.dtype, device=M.device)).T
+    return float((((D @ K) * D).sum(1) / ((X @ K) * X).sum(1).clamp_min(1e-30)).sqrt().max())
 
 
 def _fit_metrics(rows: ConceptRows, W0: Sequence[torch.Tensor], M: torch.Tensor) -> dict[str, float]:

@@ -33,6 +33,12 @@ def uce(
     lam: Annotated[float | None, typer.Option(help="Regulariser towards the original weights (0.5).")] = None,
     erase_scale: Annotated[float | None, typer.Option(help="Weight of the edited concepts (1).")] = None,
     preserve_scale: Annotated[float | None, typer.Option(help="Weight of the preserved concepts (1).")] = None,
+    preserve_mode: Annotated[str | None, typer.Option(help=(
+        "penalty (UCE's own term, default) | nullspace (the change projected onto the null space of the "
+        "preserved prompts' token embeddings: their outputs stay as they were)."))] = None,
+    nullspace_threshold: Annotated[float | None, typer.Option(help=(
+        "Null-space mode: eigenvalues below this fraction of the keys' mean squared norm count as null (1e-8)."
+    ))] = None,
     layer: Annotated[list[str] | None, typer.Option(help="Edit only UNet modules containing this.")] = None,
     expand_prompts: Annotated[bool | None, typer.Option(help="Add the reference's five object templates.")] = None,
     reader: Annotated[str | None, typer.Option(help=(
@@ -56,7 +62,8 @@ def uce(
     req = request_from(UceRequest, request, {
         "erase": erase, "targets": target, "preserve": preserve, "debias": debias, "attributes": attribute,
         "ratios": ratio, "mode": mode, "templates": template, "tokens": tokens, "lam": lam,
-        "erase_scale": erase_scale, "preserve_scale": preserve_scale, "layers": layer,
+        "erase_scale": erase_scale, "preserve_scale": preserve_scale, "preserve_mode": preserve_mode,
+        "nullspace_threshold": nullspace_threshold, "layers": layer,
         "expand_prompts": expand_prompts, "reader": reader, "max_iterations": max_iterations,
         "samples_per_prompt": samples,
     }, "UCE request")
