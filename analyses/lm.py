@@ -101,6 +101,7 @@ class Prefix:
     cache: Any
     rest: Tensor  # (1, tokens from `start`)
     start: int
+    ids: tuple[int, ...]  # the whole prompt
 
     def expanded(self, batch: int) -> Any:
         cache = copy.deepcopy(self.cache)
@@ -110,14 +111,22 @@ class Prefix:
 
 
 @torch.no_grad()
-def prefix(parts: LmParts, ids: Sequence[int], start: int) -> Prefix:
-    if not 0 <= start < len(ids):
+def prefix(parts: LmParts, ids: Sequence[int], start: int, shared: Prefix | None = None) -> Prefix:
+    """`ids` split before `start`. `shared`, the split of another prompt that begins with the same tokens
+    (the same in-context examples), spares running the tokens before its own start again."""
+    if not 0 <= start <= len(ids):
         raise ValueError(f"prefix split at {start} of {len(ids)} tokens")
-    tokens = torch.tensor([list(ids)], device=parts.lm.device)
+    ids = tuple(ids)
+    tokens = torch.tensor([ids], device=parts.lm.device)
     if start == 0:
-        return Prefix(None, tokens, 0)
-    out = parts.lm(tokens[:, :start], use_cache=True)
-    return Prefix(out.cache, tokens[:, start:], start)
+        return Prefix(None, tokens, 0, ids)
+    if shared is None or not 0 < shared.start <= start or shared.ids[: shared.start] != ids[: shared.start]:
+        out = parts.lm(tokens[:, :start], use_cache=True)
+    elif shared.start == start:
+        return Prefix(shared.cache, tokens[:, start:], start, ids)
+    else:
+        out = parts.lm(tokens[:, shared.start:start], cache=shared.expanded(1), use_cache=True)
+    return Prefix(out.cache, tokens[:, start:], start, ids)
 
 
 def run_rest(parts: LmParts, pre: Prefix, batch: int = 1) -> Any:

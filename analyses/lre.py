@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from modelzoo.analyses.base import AnalysisProgress, read_json_lines, report
-from modelzoo.analyses.lm import LmParts, lm_parts, prefix, residual, run_rest, with_residual
+from modelzoo.analyses.lm import LmParts, Prefix, lm_parts, prefix, residual, run_rest, with_residual
 from modelzoo.registry.analyses import NewAnalysis, data_hash
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.families.base import LoadedModel
@@ -104,10 +104,13 @@ class LreRequest:
         return relation, facts
 
 
+def icl_examples(examples: Iterable[Fact], fact: Fact) -> str:
+    """The other examples' filled prompts with their objects, one a line: what precedes the fact's prompt."""
+    return "".join(f"{e.text} {e.object}\n" for e in examples if e.subject != fact.subject)
+
+
 def icl_prompt(examples: Iterable[Fact], fact: Fact) -> str:
-    """The other examples' filled prompts with their objects, one a line, then the fact's prompt."""
-    lines = [f"{e.text} {e.object}" for e in examples if e.subject != fact.subject]
-    return "\n".join([*lines, fact.text])
+    return icl_examples(examples, fact) + fact.text
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,7 @@ class Encoded:
     target: int  # the object's first token
     h: dict[int, Tensor]  # layer -> residual after that block at the subject's last token
     z: Tensor  # the last block's output at the last token
+    examples: Prefix | None  # the cache of the in-context examples, which other prompts share
 
     @property
     def known(self) -> bool:
@@ -134,28 +138,37 @@ def subject_end(parts: LmParts, text: str, subject: str) -> int:
 
 
 @torch.no_grad()
-def encode(parts: LmParts, fact: Fact, examples: Sequence[Fact], layers: Sequence[int]) -> Encoded:
+def encode(parts: LmParts, fact: Fact, examples: Sequence[Fact], layers: Sequence[int],
+           shared: Prefix | None = None) -> Encoded:
+    """The fact in its in-context prompt; `shared` (the examples' cache, see `examples_prefix`) spares
+    running the examples again."""
     text = icl_prompt(examples, fact)
     ids = parts.ids(text)
     at = subject_end(parts, text, fact.subject)
     names = [parts.block(layer) for layer in layers] + [parts.block(parts.n_layers - 1)]
     with trace(parts.lm, names) as traces:
-        logits = parts.lm(torch.tensor([ids], device=parts.lm.device)).logits
-    h = {layer: residual(traces[parts.block(layer)].output)[0, at].float() for layer in layers}
+        logits = run_rest(parts, prefix(parts, ids, at, shared)).logits
+    h = {layer: residual(traces[parts.block(layer)].output)[0, 0].float() for layer in layers}
     z = residual(traces[parts.block(parts.n_layers - 1)].output)[0, -1].float()
-    return Encoded(fact, ids, at, int(logits[0, -1].argmax()), parts.answer_token(fact.object), h, z)
+    return Encoded(fact, ids, at, int(logits[0, -1].argmax()), parts.answer_token(fact.object), h, z, shared)
 
 
-def jacobians(parts: LmParts, ids: Sequence[int], subject_at: int,
-              layers: Sequence[int]) -> tuple[dict[int, Tensor], dict[int, Tensor], Tensor]:
+def examples_prefix(parts: LmParts, examples: Sequence[Fact], fact: Fact) -> Prefix:
+    ids = parts.ids(icl_examples(examples, fact))
+    return prefix(parts, ids, len(ids))
+
+
+def jacobians(parts: LmParts, ids: Sequence[int], subject_at: int, layers: Sequence[int],
+              shared: Prefix | None = None) -> tuple[dict[int, Tensor], dict[int, Tensor], Tensor]:
     """(J, h, z): for each layer, the Jacobian dz/dh of the last block's output z at the last token with
     respect to the residual h after that block at position `subject_at`, with h itself; and z.
 
     One pass serves every layer: a zero offset, the differentiation variable, joins the residual after each
     layer's block at the subject, so dz/d(offset) is dz/dh with everything downstream recomputed, and one
     backward pass, batched over the hidden-size basis of z, gives all the Jacobians. Only the tokens from
-    the subject on are recomputed; the prefix before it is a fixed key/value cache."""
-    pre = prefix(parts, ids, subject_at)
+    the subject on are recomputed; the prefix before it is a fixed key/value cache (`shared`'s where the
+    prompt begins with its tokens)."""
+    pre = prefix(parts, ids, subject_at, shared)
     by_name = {parts.block(layer): layer for layer in layers}
     last = parts.block(parts.n_layers - 1)
     param = next(parts.lm.parameters())
@@ -195,7 +208,7 @@ def _decoded(parts: LmParts, Z: Tensor, answers: Sequence[int]) -> tuple[Tensor,
 def _edited_answers(parts: LmParts, enc: Encoded, layer: int, deltas: Tensor) -> list[int]:
     """The LM's top-1 answers with each row of `deltas` added to the residual after `layer` at the subject
     (one batch row each, over the prompt's prefix cache)."""
-    pre = prefix(parts, enc.ids, enc.subject_at)
+    pre = prefix(parts, enc.ids, enc.subject_at, enc.examples)
 
     def add(name: str, output: Any) -> Any:
         hidden = residual(output).clone()
@@ -261,13 +274,17 @@ class LreAnalyzer:
             raise BadInput(f"layers {bad} are out of range: {model.ref} has blocks 0..{n - 1}, and h must come "
                            f"before the last one")
 
-        # a test fact's prompt of the training facts is often the one it was first checked in
+        # Most prompts share their in-context examples, which run once; a test fact's prompt of the
+        # training facts is often the one it was first checked in.
+        shared: dict[str, Prefix] = {}
         seen: dict[str, Encoded] = {}
 
         def encoded_in(fact: Fact, examples: Sequence[Fact]) -> Encoded:
-            text = icl_prompt(examples, fact)
+            text, head = icl_prompt(examples, fact), icl_examples(examples, fact)
+            if head not in shared:
+                shared[head] = examples_prefix(parts, examples, fact)
             if text not in seen:
-                seen[text] = encode(parts, fact, examples, layers)
+                seen[text] = encode(parts, fact, examples, layers, shared[head])
             return seen[text]
 
         # Which facts the LM knows: each in a prompt of the first `train` other facts.
@@ -287,7 +304,7 @@ class LreAnalyzer:
         jac: dict[int, list[Tensor]] = {layer: [] for layer in layers}
         for i, enc in enumerate(train):
             report(progress, "jacobians", i, len(train))
-            for layer, J in jacobians(parts, enc.ids, enc.subject_at, layers)[0].items():
+            for layer, J in jacobians(parts, enc.ids, enc.subject_at, layers, enc.examples)[0].items():
                 jac[layer].append(J)
 
         # beta and layer: leave-one-out faithfulness on the training facts; a few training facts often

@@ -97,6 +97,21 @@ def test_lre_jacobians_of_every_layer_match_finite_differences(arch):
     assert not torch.allclose(Js[0], Js[1])
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_lre_prompts_that_share_the_examples_cache_equal_full_passes(arch):
+    parts = _parts(arch)
+    facts = [lre.Fact("r", "The capital of {} is", s, o) for s, o in FACTS]
+    shared = lre.examples_prefix(parts, facts[:4], facts[5])
+    for fact in facts[4:]:
+        full, cached = lre.encode(parts, fact, facts[:4], [1]), lre.encode(parts, fact, facts[:4], [1], shared)
+        assert cached.ids == full.ids and cached.answer == full.answer
+        assert torch.allclose(cached.h[1], full.h[1]) and torch.allclose(cached.z, full.z)
+        J_full = lre.jacobians(parts, full.ids, full.subject_at, [1])[0][1]
+        assert torch.allclose(lre.jacobians(parts, cached.ids, cached.subject_at, [1], shared)[0][1], J_full)
+    other = lre.encode(parts, facts[0], facts[1:5], [1], shared)  # other examples: the cache is not used
+    assert torch.allclose(other.z, lre.encode(parts, facts[0], facts[1:5], [1]).z)
+
+
 def test_rank_k_pseudo_inverse_inverts_the_top_k_directions():
     U, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
     V, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
