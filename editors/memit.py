@@ -13,7 +13,8 @@ Both write many facts (subject, relation) -> object into the MLP down-projection
    request at a time; here `z_batch` requests (default all that fit in memory) share one padded forward
    and backward per step over all their prompts. Their deltas only touch their own rows, each keeps its
    own loss, KL term, clamp and early stop, and Adam is element-wise, so every z is the sequential one up
-   to float rounding (`z_batch` 1 is the reference's loop).
+   to float rounding, which Adam's sign-like first steps can amplify where a gradient is near zero
+   (`z_batch` 1 is the reference's loop).
 2. Layer by layer from L_1 (`memit_main.py`): keys K (key_dim x n), the down-projection's input at the
    subject's last token averaged over the context templates (the bare prompt weighing one half);
    residual R = (Z - H) / (layers left), H the current block-L_m outputs on the bare prompts
@@ -40,6 +41,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from modelzoo.editors.base import EditContext, EditProgress, EditResult, changed_tensors
 from modelzoo.editors.lm_layout import LmLayout, layout_of
@@ -312,7 +314,8 @@ def compute_z(lm: nn.Module, tokenizer: Any, layout: LmLayout, hp: MemitHparams,
     A request's loss reads only its own rows (its delta enters only its own sequences, and right padding
     leaves real tokens' attention unchanged), the summed loss's gradient in its delta is its own loss's,
     Adam and the clamp act per element and per row, and a finished request drops out of the batch with
-    its delta kept: so each z equals the one-request-at-a-time optimisation up to float rounding."""
+    its delta kept: so each z equals the one-request-at-a-time optimisation up to float rounding (which
+    the batch's shape changes)."""
     started = time.perf_counter()
     n = len(requests)
     device = next(lm.parameters()).device
@@ -353,23 +356,23 @@ def _optimise_z(lm: nn.Module, tokenizer: Any, layout: LmLayout, hp: MemitHparam
             bare = [next(i for i, s in enumerate(batch) if s.owner == o) for o in owners]
             assert hook.h is not None
             h_init = hook.h[bare].to(device)
-        # All target positions and KL positions through the head at once (one cast of its weight per step).
-        rows, positions, targets, weights, nll_owner, kl_rows, kl_owner = [], [], [], [], [], [], []
+        # The head's weight cast once per step: autocast would cast it again for every sequence.
+        weight = head.weight.to(final.dtype)
+        bias = None if head.bias is None else head.bias.to(final.dtype)
+        nll = torch.zeros(len(owners), device=device)
+        kl_rows, kl_owner = [], []
         for i, s in enumerate(batch):
             if s.kind == "kl":
                 kl_rows.append(i)
                 kl_owner.append(local[s.owner])
                 continue
             start = len(s.tokens.ids)
-            rows += [i] * len(s.targets)
-            positions += range(start - 1, start - 1 + len(s.targets))
-            targets += s.targets
-            weights += [1 / (len(s.targets) * template_count)] * len(s.targets)
-            nll_owner += [local[s.owner]] * len(s.targets)
-        logp = torch.log_softmax(head(final[rows + kl_rows, positions + lookup[kl_rows].tolist()]).float(), -1)
-        token_nll = -logp[torch.arange(len(targets)), torch.tensor(targets)] * torch.tensor(weights, device=device)
-        nll = torch.zeros(len(owners), device=device).index_add(0, torch.tensor(nll_owner, device=device), token_nll)
-        kl_logp = logp[len(targets):]
+            positions = torch.arange(start - 1, start - 1 + len(s.targets))
+            logp = torch.log_softmax(F.linear(final[i, positions], weight, bias).float(), -1)
+            nll_seq = -logp[torch.arange(len(s.targets)), torch.tensor(s.targets)].mean()
+            nll = nll.index_add(0, torch.tensor([local[s.owner]], device=device), nll_seq.view(1))
+        nll = nll / template_count
+        kl_logp = torch.log_softmax(F.linear(final[kl_rows, lookup[kl_rows]], weight, bias).float(), -1)
         if kl_init is None:
             kl_init = kl_logp.detach()
         kl = (kl_logp.exp() * (kl_logp - kl_init[kl_owner])).sum(-1)

