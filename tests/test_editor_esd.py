@@ -4,6 +4,7 @@ bad input, and its measured effect on the shapes world."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from tiny_models import tiny_sd_pipeline
 
 import modelzoo
 from modelzoo.editors.diffusion_text import text_side
-from modelzoo.editors.esd import TRAIN_METHODS, EsdEditor, EsdRequest, _sample_until, trainable
+from modelzoo.editors.esd import TRAIN_METHODS, EsdEditor, EsdRequest, Pull, _sample_until, trainable
 from modelzoo.registry.errors import BadInput
 
 FAST = {"iterations": 3, "ddim_steps": 4, "lr": 1e-3}
@@ -85,18 +86,58 @@ def test_a_templated_concept_is_guided_away_from_the_empty_prompt(monkeypatch: p
     pipe = tiny_sd_pipeline()
     original = copy.deepcopy(pipe.unet)
     result = EsdEditor().edit(loaded(pipe), EsdRequest(erase=("cat",), templates=("a {} circle",), iterations=1,
-                                                       ddim_steps=4))
-    ((x, t),) = drawn
+                                                       ddim_steps=4, batch_size=2))
+    held_out, (x, t) = drawn  # the pull's held-out x_t are drawn first, then the one training step's
+    assert not torch.equal(held_out[0][:2], x)
     texts = text_side(loaded(pipe)).encode(["a cat circle", "", "a circle", "cat"])
 
     def first_loss(prompt: int, absent: int) -> float:
         with torch.no_grad():
-            e_p, e_0 = (original(x, t, encoder_hidden_states=texts[i][None]).sample for i in (prompt, absent))
+            e_p, e_0 = (original(x, t, encoder_hidden_states=texts[i][None].expand(2, -1, -1)).sample
+                        for i in (prompt, absent))
         return float(torch.nn.functional.mse_loss(e_p, e_0 - (e_p - e_0)))
 
     assert result.metrics["first_loss"] == pytest.approx(first_loss(0, 1), rel=1e-4)
     for wrong in (first_loss(0, 2), first_loss(3, 1)):
         assert wrong != pytest.approx(first_loss(0, 1), rel=1e-2)
+
+
+def test_the_pull_is_one_before_the_edit_zero_without_the_concept_and_minus_one_when_guided_away() -> None:
+    pipe = tiny_sd_pipeline()
+    texts = text_side(loaded(pipe)).encode(["", "a cat"])
+    generator = torch.Generator().manual_seed(0)
+    x, t = torch.randn((3, 4, 8, 8), generator=generator), torch.tensor([900, 500, 100])
+    pull = Pull(pipe.unet, x, t, texts[1:].expand(3, -1, -1), texts[:1])
+
+    class Rewired(torch.nn.Module):
+        """The original with eps'(x_t, c) = eps(x_t) + k [eps(x_t, c) - eps(x_t)] for every c but the empty one."""
+
+        def __init__(self, k: float):
+            super().__init__()
+            self.k = k
+
+        def forward(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor) -> Any:
+            out = pipe.unet(x, t, encoder_hidden_states=encoder_hidden_states).sample
+            e_0 = pipe.unet(x, t, encoder_hidden_states=texts[:1].expand_as(encoder_hidden_states)).sample
+            is_empty = (encoder_hidden_states == texts[:1]).flatten(1).all(1)[:, None, None, None]
+            return type("Out", (), {"sample": torch.where(is_empty, out, e_0 + self.k * (out - e_0))})
+
+    assert pull(pipe.unet) == pytest.approx(1.0, abs=1e-5)
+    for k in (0.0, -1.0, 0.5):
+        assert pull(Rewired(k)) == pytest.approx(k, abs=1e-5)
+
+
+def test_training_stops_once_the_pull_falls_to_until() -> None:
+    steps = EsdRequest(erase=("cat",), iterations=40, ddim_steps=4, lr=3e-3, check_every=2)
+    free = EsdEditor().edit(loaded(tiny_sd_pipeline()), steps)
+    assert free.metrics["iterations_run"] == 40 and free.metrics["final_pull"] < 0.9
+    pulls: dict[int, float] = {}
+    stopped = EsdEditor().edit(loaded(tiny_sd_pipeline()), dataclasses.replace(steps, until=0.9),
+                               progress=lambda done, total, f: pulls.update({done: f["pull"]} if "pull" in f else {}))
+    run = stopped.metrics["iterations_run"]
+    assert run < 40 and run % 2 == 0 and sorted(pulls) == list(range(2, run + 1, 2))
+    assert pulls[run] <= 0.9 < min(pulls[i] for i in pulls if i < run)
+    assert stopped.metrics["final_pull"] == pytest.approx(pulls[run])
 
 
 def test_progress_reports_every_step_with_its_loss() -> None:
@@ -117,6 +158,8 @@ def test_progress_reports_every_step_with_its_loss() -> None:
         (EsdRequest(erase=("cat",), iterations=0), "iterations"),
         (EsdRequest(erase=("cat",), lr=-1), "lr"),
         (EsdRequest(erase=("cat",), sampler="other"), "sampler"),  # type: ignore[arg-type]
+        (EsdRequest(erase=("cat",), until=1.0), "until"),
+        (EsdRequest(erase=("cat",), check_every=0), "check_every"),
         (EsdRequest(erase=("cat",), templates=("a circle",)), "template"),
         (EsdRequest(erase=("cat",), templates=()), "template"),
         (EsdRequest(erase=("cat",), templates=("{}" + " circle" * 80,)), "in its template"),

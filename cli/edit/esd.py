@@ -29,6 +29,9 @@ def esd(
     ddim_steps: Annotated[int | None, typer.Option(help="DDIM steps of the x_t sampler (50).")] = None,
     start_guidance: Annotated[float | None, typer.Option(help="Guidance of the x_t sampler (3).")] = None,
     sampler: Annotated[str | None, typer.Option(help="frozen | edited (paper): which model draws x_t.")] = None,
+    until: Annotated[float | None, typer.Option(
+        help="Stop once the concept's pull on held-out x_t falls to this fraction of the original's.")] = None,
+    check_every: Annotated[int | None, typer.Option(help="Iterations between measurements of the pull (25).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the noise and the drawn steps.")] = None,
     request: Annotated[Path | None, typer.Option(help="JSON file with any EsdRequest fields.")] = None,
     name: Annotated[str | None, typer.Option(help="Register the child under this model name.")] = None,
@@ -43,7 +46,8 @@ def esd(
     req = request_from(EsdRequest, request, {
         "erase": erase, "templates": template, "preserve": preserve, "train_method": train_method,
         "iterations": iterations, "eta": eta, "lr": lr, "batch_size": batch_size, "ddim_steps": ddim_steps,
-        "start_guidance": start_guidance, "sampler": sampler, "seed": seed,
+        "start_guidance": start_guidance, "sampler": sampler, "until": until,
+        "check_every": check_every, "seed": seed,
     }, "ESD request")
     with step_progress(f"esd {ref}", quiet=as_json) as progress:
         info = State.zoo().edit(ref, "esd", req, name=name, device=device, dtype=dtype, progress=progress)
