@@ -15,8 +15,13 @@
   plus one training step. `--esd-latent` sets the latent side (SD 1.x: 64; default 32, 256 px images,
   which keeps the backward pass within a few GB).
 
+- uce_preserve: UCE's own preservation term against null-space projection (`--preserve-mode nullspace`)
+  on the same SD-1.x-shaped model, erasing 1, 10 and 100 concepts with `--preserved` (500) prompts kept:
+  seconds, and the preserved prompts' drift over every token position.
+
     OMP_NUM_THREADS=1 python benchmarks/editors_diffusion.py [--concepts 1,10,100] [--esd-iterations 10]
                                                             [--esd-latent 32] [--skip-sd1-esd]
+                                                            [--preserved 500] [--only-preserve]
 """
 
 from __future__ import annotations
@@ -86,6 +91,32 @@ def bench_uce(model: LoadedModel, counts: list[int]) -> dict[str, Any]:
             "changed_tensors": len(result.changed), "child_bytes": child, "parent_bytes": parent,
             "child_fraction": round(child / parent, 5), "erase_residual": round(result.metrics["erase_residual"], 5),
         })
+    return {"model": "SD-1.x UNet + CLIP ViT-L/14 text encoder, random weights, float32", "runs": runs}
+
+
+def bench_uce_preserve(model: LoadedModel, counts: list[int], preserved: int) -> dict[str, Any]:
+    """UCE's penalty against null-space preservation: seconds per edit and the preserved prompts' drift
+    (the largest relative change of one token's output over all `preserved` x 77 keys, and the aggregate)."""
+    unet = model.modules["unet"]
+    names = [n for n, _ in unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))]
+    original = {n: unet.get_submodule(n).weight.detach().clone() for n in names}
+    words = ["painting", "style", "artist", "portrait", "landscape", "river", "castle", "forest", "garden", "city"]
+    keep = tuple(f"a photo of {words[i % 10]} {words[(i // 10) % 10]} item {i}" for i in range(preserved))
+    runs = []
+    for count in counts:
+        concepts = tuple(f"{words[i % 10]} {words[(i // 10) % 10]} number {i}" for i in range(count))
+        for mode in ("penalty", "nullspace"):
+            started = time.perf_counter()
+            result = UceEditor().edit(model, UceRequest(erase=concepts, preserve=keep, preserve_mode=mode))
+            seconds = time.perf_counter() - started
+            runs.append({"concepts": count, "preserved": preserved, "mode": mode, "seconds": round(seconds, 2),
+                         **{k: result.metrics[k] for k in ("preserve_drift", "preserve_drift_max", "erase_residual",
+                                                           "preserved_keys") if k in result.metrics},
+                         "null_space_dim": result.metrics.get("null_space_dim")})
+            print(json.dumps(runs[-1]), flush=True)
+            with torch.no_grad():
+                for n, w in original.items():
+                    unet.get_submodule(n).weight.copy_(w)
     return {"model": "SD-1.x UNet + CLIP ViT-L/14 text encoder, random weights, float32", "runs": runs}
 
 
@@ -163,16 +194,22 @@ def main() -> None:
     parser.add_argument("--esd-latent", type=int, default=32, help="latent side for the SD-1.x ESD timing")
     parser.add_argument("--esd-repeats", type=int, default=1, help="timed repeats of each SD-1.x ESD part")
     parser.add_argument("--skip-sd1-esd", action="store_true", help="leave out the SD-1.x ESD timing")
+    parser.add_argument("--preserved", type=int, default=500, help="UCE penalty against null space: prompts kept")
+    parser.add_argument("--only-preserve", action="store_true", help="run only the UCE preservation comparison")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     report: dict[str, Any] = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__},
     }
-    report["esd_tiny"] = bench_esd_tiny(args.esd_iterations)
+    counts = [int(n) for n in args.concepts.split(",")]
+    if not args.only_preserve:
+        report["esd_tiny"] = bench_esd_tiny(args.esd_iterations)
     model = _sd1_model()
-    report["uce"] = bench_uce(model, [int(n) for n in args.concepts.split(",")])
-    if not args.skip_sd1_esd:
+    if not args.only_preserve:
+        report["uce"] = bench_uce(model, counts)
+    report["uce_preserve"] = bench_uce_preserve(model, counts, args.preserved)
+    if not args.skip_sd1_esd and not args.only_preserve:
         report["esd_sd1"] = bench_esd_sd1(model, args.esd_latent, args.esd_repeats)
     del model
     gc.collect()

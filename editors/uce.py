@@ -189,7 +189,7 @@ def null_space_projector(Kp: torch.Tensor, threshold: float) -> torch.Tensor:
     eigenvectors of K_p K_p^T (keys as columns; `Kp` holds them as rows, so Kp^T Kp) whose eigenvalues are
     at most `threshold` x tr(K_p K_p^T) / m, the mean squared norm of the m keys (AlphaEdit thresholds the
     eigenvalues of the mean K_p K_p^T / m absolutely; dividing by the mean norm too makes the threshold
-    scale-free). A key's share along the kept directions is then small: sum_k |P k|^2 is the sum of
+    scale-free). A key's share along U_0 is then small: sum_k |P k|^2 is the sum of
     those eigenvalues, at most n_0 x threshold x the mean |k|^2. float64, d x d."""
     S = Kp.double().T @ Kp.double()
     lam_k, U = torch.linalg.eigh(S)
@@ -279,10 +279,11 @@ class UceEditor:
             if progress is not None:
                 progress(1, 1, {})
         metrics |= _fit_metrics(rows, W0, applied[0])
-        if projector is not None:
+        if plan.kept:
             keys = plan.preserved_keys()
-            metrics |= {"null_space_dim": round(float(torch.trace(projector))), "preserved_keys": len(keys),
-                        "preserve_drift_max": _largest_drift(keys, W0, applied[0])}
+            metrics |= {"preserved_keys": len(keys), "preserve_drift_max": _largest_drift(keys, W0, applied[0])}
+        if projector is not None:
+            metrics["null_space_dim"] = round(float(torch.trace(projector)))
         changed = changed_tensors(model, list(before), before)
         metrics |= {"edited_tensors": len(changed), "concept_rows": rows.counts}
         settings = {k: v for k, v in asdict(plan.resolved).items() if k != "read"}
@@ -322,7 +323,7 @@ class _Plan:
     hidden: torch.Tensor
     index: dict[str, int]
     kept: list[str] = field(default_factory=list)
-    """Null-space mode: the texts every position of which is a preserved key."""
+    """The texts every position of which is a preserved key (null-space mode) or checked for drift."""
 
     def preserved_keys(self) -> torch.Tensor:
         """K_p as rows: the text encoder's output at every position of every kept text (what the UNet's
@@ -462,10 +463,9 @@ def _plan(side: TextSide, request: UceRequest) -> _Plan:
             own = span("{}", prompt, "debias prompt")
             pairs.append((own, own))
             attributes.append((p, [span(t, a, "attribute", at_end=True) for a in r.attributes]))
-    kept = []
-    if r.preserve_mode == "nullspace":
-        empty = [span("{}", "", "preserved concept", allow_empty=True)] if r.keep_empty else []
-        kept = list(dict.fromkeys(text for text, _ in [*preserve, *empty]))
+    empty = ([span("{}", "", "preserved concept", allow_empty=True)]
+             if r.preserve_mode == "nullspace" and r.keep_empty else [])
+    kept = list(dict.fromkeys(text for text, _ in [*preserve, *empty]))
     edited = {ids[text]: text for (text, _), _ in pairs}
     clash = [(edited[ids[text]], text) for text in [*(t for t, _ in preserve), *kept] if ids[text] in edited]
     if clash:
