@@ -1,5 +1,5 @@
-"""LRE and function vectors on the real SmolLM2-135M (slow: about 5 minutes per relation or task on one free
-core, several times that on a busy machine).
+"""LRE and function vectors on the real SmolLM2-135M (slow: about 2-3 minutes of one core per relation or
+task, several times that in wall time on a busy machine).
 
 The acceptance bars of the analyses: LRE beats the identity and translation baselines on faithfulness for
 at least 3 of the 4 fact relations; a function vector raises the mean probability of the answer's first
