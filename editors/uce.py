@@ -53,8 +53,8 @@ moves little, and here every preserved prompt is kept exactly. The default thres
 directions no preserved key reaches (float error; on a 256-wide text encoder with 31 prompts x 8 positions,
 drift 7.5e-12, where 1e-6 let 2 more dimensions in and drifted 1e-3). A text encoder whose outputs fill few
 dimensions leaves little room beyond them: the quick shapes-world model's 64-wide keys of 9 texts keep
-26 null dimensions at 1e-8 and 51 at 1e-3, and erasing blue and yellow with red and green preserved needs
-1e-3 (seed 1: yellow fell 28% at 1e-8, 84% at 1e-3, red and green kept 100%). A colour lying between two
+25-27 null dimensions at 1e-6 and 51-53 at 1e-3, and erasing blue and yellow with red and green preserved needs
+1e-3 (seed 1: yellow fell 28% at 1e-6, 84% at 1e-3, red and green kept 100%). A colour lying between two
 preserved ones along the encoder's hue line (green between yellow and blue, or beside red and yellow)
 fell 7-17% at every setting tried, where the penalty erased it fully: what the preserved keys span
 cannot be erased without moving them.
