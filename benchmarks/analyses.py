@@ -66,6 +66,7 @@ trials; rows marked (w) use the package word lists, the others the antonym list'
     capitalize     0     5    20   0.00 -> 0.66   0.0071 -> 0.103 (15x)   0.10 -> 0.41   0.95         663
     capitalize     1    11    20   0.00 -> 0.63   0.0071 -> 0.309 (44x)   0.17 -> 0.95   0.93         621
     first_letter   0    15    10   0.00 -> 0.46   0.0017 -> 0.092 (53x)   0.20 -> 0.68   0.78         737
+    continent      0     9    20   0.00 -> 0.36   0.0013 -> 0.147 (112x)  0.72 -> 0.82   0.77         309
     capitalize (w) 0    11    20   0.02 -> 0.58   0.0076 -> 0.239 (31x)   0.22 -> 0.84   0.91         404
     plural (w)     0    15    20   0.00 -> 0.51   0.0009 -> 0.216 (244x)  0.11 -> 0.78   0.87         409  (**)
     (**) 204 s of CPU on one thread (load 7), capitalize (w) 212 s (load 5.5): FV extraction of one task,
