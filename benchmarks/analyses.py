@@ -68,6 +68,7 @@ trials; rows marked (w) use the package word lists, the others the antonym list'
     first_letter   0    15    10   0.00 -> 0.46   0.0017 -> 0.092 (53x)   0.20 -> 0.68   0.78         737
     continent      0     9    20   0.00 -> 0.36   0.0013 -> 0.147 (112x)  0.72 -> 0.82   0.77         309
     capitalize (w) 0    11    20   0.02 -> 0.58   0.0076 -> 0.239 (31x)   0.22 -> 0.84   0.91         404
+    first_letter(w)0    18    10   0.00 -> 0.09   0.0016 -> 0.032 (20x)   0.27 -> 0.47   0.62         241
     plural (w)     0    15    20   0.00 -> 0.51   0.0009 -> 0.216 (244x)  0.11 -> 0.78   0.87         409  (**)
     (**) 204 s of CPU on one thread (load 7), capitalize (w) 212 s (load 5.5): FV extraction of one task,
     the 24-candidate layer and head sweep included, is under 5 minutes of a core.
