@@ -216,12 +216,12 @@ class EsdEditor:
             """(x_t, t, text) for `count` iterations, the text one of `choices` (drawn up front, so the erased
             and the kept draws do not depend on how the sampler batches them)."""
             draw = random.Random(seed)
-            # a seeded CPU draw, so a seed gives the same x_t on every device
             noise = torch.Generator().manual_seed(seed)
             plan = [(draw.randrange(len(choices)), draw.randrange(r.ddim_steps)) for _ in range(count)]
             for first in range(0, count, together):
                 part = torch.tensor(plan[first : first + together]).repeat_interleave(r.batch_size, dim=0)
                 k, stops = part[:, 0], part[:, 1]
+                # a seeded CPU draw, so a seed gives the same x_t on every device
                 x = torch.randn((len(part), *shape), generator=noise).to(texts) * scheduler.init_noise_sigma
                 x, t = _sample_until(sampler, scheduler, x, choices[k], empty, r.start_guidance, stops)
                 yield from zip(x.split(r.batch_size), t.split(r.batch_size), choices[k].split(r.batch_size),
