@@ -25,6 +25,7 @@ Timing of LRE for one relation (capital, demo/country_facts.jsonl, seed 1: 129 f
       layers; batched decoding; every rank in one batch      1       386     194   8.1     0.69     0.63
     + prompts that share their examples run them once        1       214     137   5-7     0.69     0.63
     the same on 2 threads                                    2     >1200    >600   8-10    (killed)
+    the same on 2 threads, the machine otherwise idle        2       115     216   1.7     0.69     0.63
 
 The last version spends 62 s of CPU on the Jacobians (8 facts x 4 layers), 48 s encoding 209 prompts and
 18 s on the causality passes. On 2 threads of this shared machine (other jobs held the load at 8-10) the
@@ -66,12 +67,14 @@ trials; rows marked (w) use the package word lists, the others the antonym list'
     capitalize     0     5    20   0.00 -> 0.66   0.0071 -> 0.103 (15x)   0.10 -> 0.41   0.95         663
     capitalize     1    11    20   0.00 -> 0.63   0.0071 -> 0.309 (44x)   0.17 -> 0.95   0.93         621
     first_letter   0    15    10   0.00 -> 0.46   0.0017 -> 0.092 (53x)   0.20 -> 0.68   0.78         737
+    language       0    18    20   0.00 -> 0.10   0.0015 -> 0.019 (12x)   0.51 -> 0.56   0.44         148  (***)
     continent      0     9    20   0.00 -> 0.36   0.0013 -> 0.147 (112x)  0.72 -> 0.82   0.77         309
     capitalize (w) 0    11    20   0.02 -> 0.58   0.0076 -> 0.239 (31x)   0.22 -> 0.84   0.91         404
     first_letter(w)0    18    10   0.00 -> 0.09   0.0016 -> 0.032 (20x)   0.27 -> 0.47   0.62         241
     plural (w)     0    15    20   0.00 -> 0.51   0.0009 -> 0.216 (244x)  0.11 -> 0.78   0.87         409  (**)
     (**) 204 s of CPU on one thread (load 7), capitalize (w) 212 s (load 5.5): FV extraction of one task,
     the 24-candidate layer and head sweep included, is under 5 minutes of a core.
+    (***) on 2 threads of the otherwise idle machine (load 2.0): 148 s wall, 287 s of CPU.
 
 Zero-shot accuracy on the 20 selection queries by layer (5/10/20 heads), antonym seed 0: 3: .00/.00/.15,
 5: .00/.00/.05, 7: .00/.00/.00, 9: .00/.05/.05, 11: .05/.30/.30, 13: .05/.30/.35, 15: .05/.10/.20,
