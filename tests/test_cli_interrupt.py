@@ -25,7 +25,10 @@ from modelzoo.registry.families.stylegan import Generator, StyleGanConfig
 # knows the command is past start-up and inside the work it wants to interrupt. DELAY seconds after
 # each call stand in for a slow disk or a big model, so the work is still going when the signal lands.
 ZOO_WITH_MARKER = """
-import functools, importlib, pathlib, sys, time
+import functools, importlib, pathlib, signal, sys, time
+# A shell without job control starts background jobs with SIGINT ignored, and children inherit that;
+# a user's terminal delivers it, so the test restores Python's own handler.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 marker, target, delay, *args = sys.argv[1:]
 module, _, qualname = target.partition(":")
 *path, name = qualname.split(".")
