@@ -266,7 +266,7 @@ class EsdEditor:
         changed = changed_tensors(model, list(before), before)
         tail = losses[-max(1, len(losses) // 10) :]
         metrics = {
-            "iterations_run": len(losses), "final_pull": pulls[-1] if pulls else pull(unet),
+            "iterations_run": len(losses), "final_pull": pulls[-1],
             "first_loss": losses[0], "final_loss": sum(tail) / len(tail), "trained_tensors": len(params),
             **({"final_preserve_loss": sum(keep_losses[-len(tail) :]) / len(tail)} if keep_losses else {}),
             "changed_tensors": len(changed), "trained_parameters": sum(p.numel() for p in params.values()),
