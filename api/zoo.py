@@ -43,13 +43,14 @@ from modelzoo.search.engine import (
     SearchFilter,
     SearchHit,
     SearchQuery,
-    current_index,
     indexed_encoders,
     read_image,
+    refresh_indexes,
     search_encoder,
 )
 from modelzoo.search.engine import search as search_versions
 from modelzoo.search.indexer import (
+    DEFAULT_COMPONENTS,
     DEFAULT_RANK,
     DEFAULT_SAMPLES,
     IndexedVersion,
@@ -173,11 +174,13 @@ class Zoo:
     def _index_like_parent(self, parent: str, child: VersionInfo, device: str) -> None:
         """An edit of an indexed version is indexed the same way, so search sees it at once. The edit is
         already registered: a failure here is reported, not raised."""
-        for encoder_id, encoder_hash, spec, rank in parent_specs(self.registry, self.registry.info(parent).id):
+        for encoder_id, encoder_hash, spec, rank, components in parent_specs(
+            self.registry, self.registry.info(parent).id
+        ):
             try:
                 encoder = load_embedder(encoder_id, self.registry, device)
                 if encoder.weights_hash == encoder_hash:
-                    index_version(self.registry, encoder, child, spec, rank, device=device)
+                    index_version(self.registry, encoder, child, spec, rank, device=device, max_components=components)
                 else:
                     log.warning("not indexing %s: encoder %s has changed", child.ref, encoder_id)
             except ZooError as error:
@@ -197,26 +200,40 @@ class Zoo:
         device: str = "cpu",
         dtype: str | None = None,
         progress: IndexProgress | None = None,
+        components: int = DEFAULT_COMPONENTS,
+        rebuild: bool = False,
     ) -> list[IndexedVersion]:
         """Sample, embed and store moments for `refs` (default: every live diffusion, GAN and LM version)
         that are not yet indexed with this encoder and sample spec, then refresh the search index.
 
-        `encoder` defaults to the one the registry is already indexed with, else DEFAULT_ENCODER."""
+        `encoder` defaults to the one the registry is already indexed with, else DEFAULT_ENCODER.
+        `components` bounds the mixture (1: one Gaussian); `rebuild` samples again every version already
+        indexed with this encoder, with the sample spec and rank it was indexed with, and replaces its
+        moments (how embeddings from before mixtures are upgraded)."""
         if rank < 0:
             raise BadInput(f"--rank must be >= 0, got {rank}")
+        if components < 1:
+            raise BadInput(f"--components must be at least 1, got {components}")
         if encoder is None:
             known = {e.encoder_id for e in indexed_encoders(self.registry)}
             encoder = known.pop() if len(known) == 1 else DEFAULT_ENCODER
         device = resolve_device(device)
         clip = load_embedder(encoder, self.registry, device)
         targets = [self.registry.info(r) for r in refs] if refs else indexable_versions(self.registry)
-        specs = [sample_spec(i.family, samples, prompts, first_seed, dict(options or {})) for i in targets]
+        jobs = []
+        for info in targets:
+            stored = [(s, r) for _, h, s, r, _ in parent_specs(self.registry, info.id) if h == clip.weights_hash]
+            if rebuild and stored:
+                jobs += [(info, spec, stored_rank) for spec, stored_rank in stored]
+            else:
+                jobs.append((info, sample_spec(info.family, samples, prompts, first_seed, dict(options or {})), rank))
         done = [
-            index_version(self.registry, clip, info, spec, rank, batch_size, progress, device, dtype)
-            for info, spec in zip(targets, specs, strict=True)
+            index_version(self.registry, clip, info, spec, job_rank, batch_size, progress, device, dtype, components,
+                          rebuild)
+            for info, spec, job_rank in jobs
         ]
         if done:
-            current_index(self.registry, clip.weights_hash)
+            refresh_indexes(self.registry, clip.weights_hash)
         return done
 
     def search(
@@ -232,16 +249,20 @@ class Zoo:
         encoder: str | None = None,
         candidates: int = DEFAULT_CANDIDATES,
         device: str = "cpu",
+        modality: str | None = None,
+        summary: str = "mixture",
     ) -> list[SearchHit]:
-        """Versions ranked by how well their samples match the query (any mix of parts), best first."""
+        """Versions ranked by how well their samples match the query (any mix of parts), best first, among
+        the versions of one modality (`images` or `texts`; by default images, texts for `family="lm"`);
+        `summary="gaussian"` scores each version's single Gaussian instead of its mixture."""
         as_array = lambda x: x if isinstance(x, np.ndarray) else read_image(x)  # noqa: E731
         query = SearchQuery(tuple(text), tuple(map(as_array, image)), tuple(map(as_array, sketch)), tuple(like))
         if query.parts() == 0:
             raise BadInput("empty query: give --text, --image, --sketch or --like")
         needs_model = bool(query.texts or query.images or query.sketches)
         encoder_hash, clip = search_encoder(self.registry, encoder, needs_model, device)
-        filters = SearchFilter(family, dict(tags or {}))
-        return search_versions(self.registry, query, encoder_hash, clip, top_k, filters, candidates)
+        filters = SearchFilter(family, dict(tags or {}), modality)
+        return search_versions(self.registry, query, encoder_hash, clip, top_k, filters, candidates, summary=summary)
 
     def compose(
         self, refs: Sequence[str], name: str | None = None, scales: Sequence[float] | None = None

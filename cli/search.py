@@ -13,7 +13,7 @@ from modelzoo.cli.options import Device, Dtype
 from modelzoo.cli.output import console, emit, errors, table
 from modelzoo.registry.errors import BadInput
 from modelzoo.search.engine import SearchHit
-from modelzoo.search.indexer import DEFAULT_RANK, DEFAULT_SAMPLES, IndexedVersion
+from modelzoo.search.indexer import DEFAULT_COMPONENTS, DEFAULT_RANK, DEFAULT_SAMPLES, IndexedVersion
 
 
 def register(app: typer.Typer) -> None:
@@ -34,6 +34,11 @@ def index(
     prompt: Annotated[list[str] | None, typer.Option(help="Prompt for diffusion/LM sampling (repeatable).")] = None,
     prompts_file: Annotated[Path | None, typer.Option("--prompts", help="A file of prompts, one per line.")] = None,
     rank: Annotated[int, typer.Option(help="Covariance eigenpairs kept (plus the diagonal).")] = DEFAULT_RANK,
+    components: Annotated[int, typer.Option(
+        help="Most mixture components per version, K chosen by BIC (1: one Gaussian); prompted models get one "
+             "per prompt.")] = DEFAULT_COMPONENTS,
+    rebuild: Annotated[bool, typer.Option(
+        help="Sample indexed versions again with their stored spec and replace their moments.")] = False,
     steps: Annotated[int | None, typer.Option(help="Denoising steps for diffusion sampling.")] = None,
     seed: Annotated[int, typer.Option(help="First seed.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Samples drawn per call.")] = 32,
@@ -65,15 +70,16 @@ def index(
         done = State.zoo().index(
             refs or None, encoder=encoder, samples=samples, prompts=prompts or None, rank=rank, first_seed=seed,
             options=options, batch_size=batch_size, device=device, dtype=dtype, progress=progress,
+            components=components, rebuild=rebuild,
         )
     emit(done, as_json, _render_index)
 
 
 def _render_index(done: list[IndexedVersion]) -> None:
     fresh = [d for d in done if not d.skipped]
-    rows = [[d.ref, d.samples, f"{d.seconds:.1f}s", d.thumbnail] for d in fresh]
+    rows = [[d.ref, d.samples, d.components, f"{d.seconds:.1f}s", d.thumbnail] for d in fresh]
     if rows:
-        table("indexed", ["version", "samples", "time", "thumbnail"], rows)
+        table("indexed", ["version", "samples", "components", "time", "thumbnail"], rows)
     console.print(f"{len(fresh)} indexed, {len(done) - len(fresh)} already up to date")
 
 
@@ -85,6 +91,11 @@ def search(
     top_k: Annotated[int, typer.Option("--top-k", help="Number of results.")] = 10,
     family: Annotated[str | None, typer.Option(help="Only this family.")] = None,
     tag: Annotated[list[str] | None, typer.Option(help="Only versions with key=value (repeatable).")] = None,
+    modality: Annotated[str | None, typer.Option(
+        help="Rank image generators (image) or language models (text); default: image, text under --family lm, "
+             "a --like model's own.")] = None,
+    summary: Annotated[str, typer.Option(
+        help="Score each version's mixture, or its single Gaussian (the Modelverse paper's).")] = "mixture",
     encoder: Annotated[str | None, typer.Option(help="Encoder spec (default: the one indexed).")] = None,
     device: Annotated[str, typer.Option(help="torch device for encoding the query.")] = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
@@ -94,7 +105,7 @@ def search(
 
     hits = State.zoo().search(
         text=text or (), image=image or (), sketch=sketch or (), like=like or (), top_k=top_k, family=family,
-        tags=_pairs(tag), encoder=encoder, device=device,
+        tags=_pairs(tag), encoder=encoder, device=device, modality=modality, summary=summary,
     )
     if as_json:
         print(json.dumps([hit_json(h) for h in hits], indent=2))
@@ -105,7 +116,7 @@ def search(
 def hit_json(hit: SearchHit) -> dict[str, object]:
     return {
         "rank": hit.rank, "ref": hit.ref, "model": hit.model, "version": hit.version, "family": hit.family,
-        "score": hit.score, "scores": hit.scores, "thumbnail": hit.thumbnail,
+        "modality": hit.modality, "score": hit.score, "scores": hit.scores, "thumbnail": hit.thumbnail,
     }
 
 
@@ -113,5 +124,5 @@ def _render_hits(hits: list[SearchHit]) -> None:
     if not hits:
         console.print("no match")
         return
-    table(None, ["rank", "version", "family", "score", "thumbnail"],
-          [[h.rank, h.ref, h.family, f"{h.score:.3f}", h.thumbnail] for h in hits])
+    table(None, ["rank", "version", "family", "modality", "score", "thumbnail"],
+          [[h.rank, h.ref, h.family, h.modality, f"{h.score:.3f}", h.thumbnail] for h in hits])

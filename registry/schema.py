@@ -188,9 +188,11 @@ class Embedding(Base):
     """A version's sample moments under one encoder: what content-based search scores.
 
     `encoder_hash` pins the exact encoder weights (moments from different encoders are never compared);
-    `spec_hash` pins what was sampled (`sample_spec`: prompts, seeds, count). The moments are float32
-    mean and diagonal and a float16 (dim, rank) covariance factor, little-endian bytes. Search indexes on
-    disk are caches of these rows and are rebuilt from them.
+    `spec_hash` pins what was sampled (`sample_spec`: prompts, seeds, count); `modality` says whether
+    images or texts were embedded. The moments are a mixture of `components` Gaussians: float32 weights
+    (NULL for one component), float32 (components, dim) means and diagonals and a float16
+    (components, dim, rank) covariance factor, little-endian bytes. Search indexes on disk are caches of
+    these rows and are rebuilt from them.
     """
 
     __tablename__ = "embeddings"
@@ -208,6 +210,9 @@ class Embedding(Base):
     mean: Mapped[bytes] = mapped_column(LargeBinary)
     factor: Mapped[bytes] = mapped_column(LargeBinary)
     diag: Mapped[bytes] = mapped_column(LargeBinary)
+    components: Mapped[int] = mapped_column(default=1, server_default="1")
+    weights: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    modality: Mapped[str] = mapped_column(String(16), default="images", server_default="images", index=True)
     thumbnail: Mapped[str] = mapped_column(String(512), default="")
     seconds: Mapped[float] = mapped_column(Float, default=0.0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

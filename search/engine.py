@@ -3,6 +3,15 @@
 A query is any mix of texts, images, sketches and models ("like REF"); each part scores every candidate
 on a log scale (search/moments.py) and the parts add up, so "a red circle" plus a photo ranks models by
 how well they explain both. Metadata filters (family, tags) restrict the candidates inside FAISS.
+
+Models are ranked within one modality, the kind of samples their embeddings hold: CLIP's image and text
+features sit in different regions (the modality gap), so a text query scored against an LM's text
+samples and against a GAN's image samples gives numbers that cannot be compared. Image and sketch
+queries, and text queries (read as captions of images), rank image generators; language models are
+ranked under `modality="text"` or `family="lm"`; a query made only of models takes their modality.
+
+Each model is a mixture of Gaussians (`summary="mixture"`, the default) or, for comparison with the
+paper, the single Gaussian with the same mean and covariance (`summary="gaussian"`).
 """
 
 from __future__ import annotations
@@ -16,18 +25,31 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from sqlalchemy import and_, exists, func, or_, select
 
-from modelzoo.registry.errors import BadInput, NotFound
+from modelzoo.registry.errors import BadInput
 from modelzoo.registry.families.clip import ClipEncoder
 from modelzoo.registry.files import NotRegular, open_regular
 from modelzoo.registry.refs import resolve
 from modelzoo.registry.schema import Embedding, Model, Tag, Version
 from modelzoo.registry.store import Registry
 from modelzoo.search.index import Fingerprint, MomentIndex, open_index, write_index
-from modelzoo.search.indexer import decode_moments
-from modelzoo.search.moments import MomentBatch, Moments, density_scores, frechet_distances, text_scores
+from modelzoo.search.indexer import SAMPLE_KIND, decode_mixture
+from modelzoo.search.moments import (
+    Mixture,
+    MixtureBatch,
+    density_scores,
+    frechet_distances,
+    matched_frechet,
+    mixture_density_scores,
+    mixture_text_scores,
+    text_scores,
+)
 
 DEFAULT_CANDIDATES = 200
 """Models reranked exactly per query part: a text score rewards variance too, so the pool is wide."""
+MODALITIES = ("images", "texts")
+"""As stored (the sample kind); users say `image` or `text`, and hits say so too."""
+MODALITY_NAMES = {"image": "images", "images": "images", "text": "texts", "texts": "texts"}
+SUMMARIES = ("mixture", "gaussian")
 
 
 @dataclass(frozen=True)
@@ -47,6 +69,7 @@ class SearchQuery:
 class SearchFilter:
     family: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    modality: str | None = None  # images | texts; None: chosen from the family and the query
 
 
 @dataclass(frozen=True)
@@ -60,6 +83,7 @@ class SearchHit:
     scores: dict[str, float]
     thumbnail: str
     embedding_id: int
+    modality: str
 
 
 @dataclass(frozen=True)
@@ -97,44 +121,51 @@ def indexed_encoders(registry: Registry) -> list[IndexedEncoder]:
     return [IndexedEncoder(e, h, int(n)) for e, h, n in rows]
 
 
-def index_dir(registry: Registry, encoder_hash: str) -> Path:
-    return registry.settings.home / "search" / encoder_hash[:16]
+def index_dir(registry: Registry, encoder_hash: str, modality: str) -> Path:
+    return registry.settings.home / "search" / f"{encoder_hash[:16]}-{modality}"
 
 
-def fingerprint(registry: Registry, encoder_hash: str) -> Fingerprint:
+def fingerprint(registry: Registry, encoder_hash: str, modality: str) -> Fingerprint:
     with registry.db.read() as session:
         count, max_id, id_sum = session.execute(
             select(func.count(Embedding.id), func.max(Embedding.id), func.sum(Embedding.id)).where(
-                Embedding.encoder_hash == encoder_hash
+                Embedding.encoder_hash == encoder_hash, Embedding.modality == modality
             )
         ).one()
     return Fingerprint(int(count), int(max_id or 0), int(id_sum or 0))
 
 
-def current_index(registry: Registry, encoder_hash: str) -> MomentIndex:
-    """The on-disk index for this encoder if it matches the database, else one rebuilt from it."""
-    expected = fingerprint(registry, encoder_hash)
-    directory = index_dir(registry, encoder_hash)
-    found = open_index(directory, encoder_hash)
+def current_index(registry: Registry, encoder_hash: str, modality: str) -> MomentIndex | None:
+    """The on-disk index for this encoder and modality if it matches the database, else one rebuilt from
+    it; None when no version of that modality is indexed."""
+    expected = fingerprint(registry, encoder_hash, modality)
+    if expected.count == 0:
+        return None
+    found = open_index(index_dir(registry, encoder_hash, modality), encoder_hash, modality)
     if found is not None and found.fingerprint == expected:
         return found
-    return rebuild_index(registry, encoder_hash, expected)
+    return rebuild_index(registry, encoder_hash, modality, expected)
 
 
-def rebuild_index(registry: Registry, encoder_hash: str, expected: Fingerprint | None = None) -> MomentIndex:
-    expected = expected or fingerprint(registry, encoder_hash)
+def refresh_indexes(registry: Registry, encoder_hash: str) -> None:
+    for modality in MODALITIES:
+        current_index(registry, encoder_hash, modality)
+
+
+def rebuild_index(registry: Registry, encoder_hash: str, modality: str, expected: Fingerprint) -> MomentIndex:
     with registry.db.read() as session:
         rows = session.scalars(
-            select(Embedding).where(Embedding.encoder_hash == encoder_hash).order_by(Embedding.id)
+            select(Embedding).where(Embedding.encoder_hash == encoder_hash, Embedding.modality == modality)
+            .order_by(Embedding.id)
         ).all()
-        moments = [decode_moments(r) for r in rows]
+        mixtures = [decode_mixture(r) for r in rows]
         ids = np.array([r.id for r in rows], dtype=np.int64)
-    if not moments:
-        raise NotFound("no version is indexed with this encoder; run `zoo index` first")
-    batch = MomentBatch.of(moments)
+    batch = MixtureBatch.of(mixtures)
+    starts = np.concatenate([[0], np.cumsum([m.components for m in mixtures])])
+    c = batch.components
     return write_index(
-        index_dir(registry, encoder_hash), encoder_hash, expected, ids, batch.mean.numpy(), batch.factor.numpy(),
-        batch.diag.numpy(),
+        index_dir(registry, encoder_hash, modality), encoder_hash, modality, expected, ids, starts,
+        batch.log_weights.numpy(), c.mean.numpy(), c.factor.numpy(), c.diag.numpy(),
     )
 
 
@@ -158,7 +189,8 @@ def _allowed_ids(registry: Registry, encoder_hash: str, filters: SearchFilter) -
         return np.array(sorted(session.scalars(statement)), dtype=np.int64)
 
 
-def _model_moments(registry: Registry, ref: str, encoder_hash: str) -> Moments:
+def _model_embedding(registry: Registry, ref: str, encoder_hash: str) -> tuple[str, Mixture]:
+    """(modality, mixture) of the version's latest embedding with this encoder."""
     with registry.db.read() as session:
         version = resolve(session, ref)
         row = session.scalars(
@@ -168,7 +200,19 @@ def _model_moments(registry: Registry, ref: str, encoder_hash: str) -> Moments:
         ).first()
         if row is None:
             raise BadInput(f"{ref} is not indexed with this encoder; run `zoo index {ref}` first")
-        return decode_moments(row)
+        return row.modality, decode_mixture(row)
+
+
+def choose_modality(registry: Registry, query: SearchQuery, filters: SearchFilter, encoder_hash: str) -> str:
+    """The modality to rank in: as asked; else a query made only of models takes the first model's; else
+    texts for `family="lm"`; else images (texts read as captions)."""
+    if filters.modality is not None:
+        if filters.modality not in MODALITY_NAMES:
+            raise BadInput(f"unknown modality {filters.modality!r}; use image or text")
+        return MODALITY_NAMES[filters.modality]
+    if query.like and not (query.texts or query.images or query.sketches):
+        return _model_embedding(registry, query.like[0], encoder_hash)[0]
+    return SAMPLE_KIND.get(filters.family or "", "images")
 
 
 @dataclass(frozen=True)
@@ -176,12 +220,12 @@ class QueryPart:
     name: str
     vector: np.ndarray  # what FAISS searches with: a feature, or a model's normalised mean
     kind: str  # text | image | model
-    moments: Moments | None = None
+    mixture: Mixture | None = None
 
 
-def _encode(registry: Registry, query: SearchQuery, encoder: ClipEncoder | None, encoder_hash: str) -> list[QueryPart]:
-    if query.parts() == 0:
-        raise BadInput("empty query: give --text, --image, --sketch or --like")
+def _encode(
+    registry: Registry, query: SearchQuery, encoder: ClipEncoder | None, encoder_hash: str, modality: str
+) -> list[QueryPart]:
     if any(not t.strip() for t in query.texts):
         raise BadInput("empty text query")
     needs_encoder = query.texts or query.images or query.sketches
@@ -198,8 +242,14 @@ def _encode(registry: Registry, query: SearchQuery, encoder: ClipEncoder | None,
             for i, feature in enumerate(encoder.encode_images(np.stack([_same_size(im, images[0]) for im in images]))):
                 parts.append(QueryPart(f"{label}:{i}", feature, "image"))
     for ref in query.like:
-        m = _model_moments(registry, ref, encoder_hash)
-        parts.append(QueryPart(f"like:{ref}", m.mean / max(np.linalg.norm(m.mean), 1e-12), "model", m))
+        found, mixture = _model_embedding(registry, ref, encoder_hash)
+        if found != modality:
+            raise BadInput(
+                f"{ref} is indexed from its {found}, the search ranks models by their {modality}; "
+                f"choose --modality {found.removesuffix('s')}"
+            )
+        mean = mixture.collapsed().mean
+        parts.append(QueryPart(f"like:{ref}", mean / max(np.linalg.norm(mean), 1e-12), "model", mixture))
     return parts
 
 
@@ -209,16 +259,29 @@ def _same_size(image: np.ndarray, first: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((first.shape[1], first.shape[0]), Image.BICUBIC))
 
 
-def score_parts(parts: Sequence[QueryPart], batch: MomentBatch, tau: float) -> dict[str, np.ndarray]:
+def score_parts(
+    parts: Sequence[QueryPart], batch: MixtureBatch, tau: float, summary: str = "mixture"
+) -> dict[str, np.ndarray]:
     scores: dict[str, np.ndarray] = {}
+    if summary == "gaussian":
+        single = batch.collapsed()
+        for part in parts:
+            if part.kind == "text":
+                scores[part.name] = text_scores(single, part.vector, tau)
+            elif part.kind == "image":
+                scores[part.name] = density_scores(single, part.vector)
+            else:
+                assert part.mixture is not None
+                scores[part.name] = -frechet_distances(part.mixture.collapsed(), single)
+        return scores
     for part in parts:
         if part.kind == "text":
-            scores[part.name] = text_scores(batch, part.vector, tau)
+            scores[part.name] = mixture_text_scores(batch, part.vector, tau)
         elif part.kind == "image":
-            scores[part.name] = density_scores(batch, part.vector)
+            scores[part.name] = mixture_density_scores(batch, part.vector)
         else:
-            assert part.moments is not None
-            scores[part.name] = -frechet_distances(part.moments, batch)
+            assert part.mixture is not None
+            scores[part.name] = -matched_frechet(part.mixture, batch)
     return scores
 
 
@@ -231,20 +294,28 @@ def search(
     filters: SearchFilter | None = None,
     candidates: int = DEFAULT_CANDIDATES,
     tau: float | None = None,
+    summary: str = "mixture",
 ) -> list[SearchHit]:
-    """The `top_k` live versions best matching `query`, best first."""
+    """The `top_k` live versions best matching `query`, best first, among the versions of one modality."""
     if top_k < 1:
         raise BadInput(f"--top-k must be at least 1, got {top_k}")
+    if summary not in SUMMARIES:
+        raise BadInput(f"unknown summary {summary!r}; use {' or '.join(SUMMARIES)}")
     filters = filters or SearchFilter()
-    parts = _encode(registry, query, encoder, encoder_hash)
-    index = current_index(registry, encoder_hash)
+    if query.parts() == 0:
+        raise BadInput("empty query: give --text, --image, --sketch or --like")
+    modality = choose_modality(registry, query, filters, encoder_hash)
+    parts = _encode(registry, query, encoder, encoder_hash, modality)
+    index = current_index(registry, encoder_hash, modality)
+    if index is None:
+        return []
     allowed = None
     if filters.family or filters.tags:
         allowed = index.positions_of(_allowed_ids(registry, encoder_hash, filters))
     pool = max(candidates, 4 * top_k)
     scale = tau if tau is not None else (encoder.logit_scale if encoder is not None else 100.0)
-    ranking = rank_candidates(index, parts, pool, scale, allowed)
-    return _hits(registry, ranking, top_k)
+    ranking = rank_candidates(index, parts, pool, scale, allowed, summary)
+    return _hits(registry, ranking, top_k, modality)
 
 
 @dataclass(frozen=True)
@@ -259,19 +330,24 @@ class Ranking:
 
 
 def rank_candidates(
-    index: MomentIndex, parts: Sequence[QueryPart], pool: int, tau: float, allowed: np.ndarray | None = None
+    index: MomentIndex,
+    parts: Sequence[QueryPart],
+    pool: int,
+    tau: float,
+    allowed: np.ndarray | None = None,
+    summary: str = "mixture",
 ) -> Ranking:
     """FAISS candidates for every part, reranked exactly by the sum of the parts' moment scores."""
     positions = index.candidates(np.stack([p.vector for p in parts]), pool, allowed)
     if len(positions) == 0:
         empty = np.zeros(0)
         return Ranking(positions, empty, {}, positions, positions)
-    per_part = score_parts(parts, index.moments(positions), tau)
+    per_part = score_parts(parts, index.moments(positions), tau, summary)
     total = np.sum(list(per_part.values()), axis=0)
     return Ranking(positions, total, per_part, np.argsort(-total, kind="stable"), index.rows[positions])
 
 
-def _hits(registry: Registry, ranking: Ranking, top_k: int) -> list[SearchHit]:
+def _hits(registry: Registry, ranking: Ranking, top_k: int, modality: str) -> list[SearchHit]:
     embedding_ids, total, order = ranking.embedding_ids, ranking.total, ranking.order
     wanted = [int(i) for i in embedding_ids]
     with registry.db.read() as session:
@@ -293,7 +369,7 @@ def _hits(registry: Registry, ranking: Ranking, top_k: int) -> list[SearchHit]:
         hits.append(SearchHit(
             rank=len(hits) + 1, ref=f"{row.name}@{row.number}", model=row.name, version=row.number,
             family=row.family, score=float(total[i]), scores={k: float(v[i]) for k, v in ranking.per_part.items()},
-            thumbnail=row.thumbnail, embedding_id=row.id,
+            thumbnail=row.thumbnail, embedding_id=row.id, modality=modality.removesuffix("s"),
         ))
         if len(hits) == top_k:
             break

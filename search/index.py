@@ -1,19 +1,26 @@
-"""The on-disk search index for one encoder: FAISS over the models' mean features, moments memory-mapped.
+"""The on-disk search index for one encoder and one modality: FAISS over the mixture components' means,
+moments memory-mapped.
 
-    <home>/search/<encoder hash[:16]>/
-        meta.json      encoder, dimensions, FAISS kind and the database fingerprint it was built from
-        rows.npy       embedding row ids (int64, ascending): FAISS id i is the embedding rows[i]
-        means.npy      (n, d) float32   the means (FAISS holds them unit-normalised)
-        factors.npy    (n, d, r) float16  covariance factors, read only for the candidates
-        diags.npy      (n, d) float32
+    <home>/search/<encoder hash[:16]>-<modality>/
+        meta.json      encoder, modality, FAISS kind and the database fingerprint it was built from
+        rows.npy       (n,) embedding row ids (int64, ascending), one per indexed version
+        starts.npy     (n + 1,) int64: the components of rows[i] are starts[i] .. starts[i + 1] - 1
+        weights.npy    (N,) float64   log mixture weights of the N components
+        means.npy      (N, d) float32 component means (FAISS holds them unit-normalised; FAISS id = component)
+        factors.npy    (N, d, r) float16  covariance factors, read only for the candidates
+        diags.npy      (N, d) float32
         index.faiss
+
+Images and texts have separate indexes: CLIP's image and text features lie in different regions (the
+modality gap), so one ranking across both would mean nothing.
 
 It is a cache of the `embeddings` table: `fingerprint` (count, max id, sum of ids of the encoder's rows;
 rows are only ever inserted or deleted, and ids are not reused while larger ones exist) decides whether it
 is current, and a missing, damaged or stale index is rebuilt from the database, never trusted. Builds go
 to a temporary sibling folder that replaces the old one by rename, so readers never see half an index.
 
-Candidates come from FAISS by inner product with the normalised means: an exact flat index up to
+Candidates come from FAISS by inner product with the normalised component means, mapped back to their
+versions: an exact flat index up to
 `FLAT_LIMIT` models, an inverted-file index with 8-bit scalar quantisation above (sqrt(n) lists, trained
 on 64 points per list; the exact rerank corrects the quantisation), searched with `DEFAULT_NPROBE` lists.
 """
@@ -30,12 +37,12 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from modelzoo.search.moments import MomentBatch
+from modelzoo.search.moments import MixtureBatch
 
 FLAT_LIMIT = 50_000
 DEFAULT_NPROBE = 24
 TRAIN_POINTS_PER_LIST = 64
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -49,7 +56,10 @@ class Fingerprint:
 class MomentIndex:
     directory: Path
     encoder_hash: str
+    modality: str
     rows: np.ndarray
+    starts: np.ndarray
+    log_weights: np.ndarray
     means: np.ndarray
     factors: np.ndarray
     diags: np.ndarray
@@ -64,16 +74,29 @@ class MomentIndex:
     def dim(self) -> int:
         return int(self.means.shape[1])
 
+    @property
+    def owner(self) -> np.ndarray:
+        """(N,) the row position each component belongs to."""
+        return np.repeat(np.arange(len(self.rows)), np.diff(self.starts))
+
+    def components_of(self, positions: np.ndarray) -> np.ndarray:
+        """Component ids of the versions at `positions`, in order, each version's contiguous."""
+        counts = self.starts[positions + 1] - self.starts[positions]
+        first = np.repeat(self.starts[positions] - np.cumsum(counts) + counts, counts)
+        return first + np.arange(int(counts.sum()))
+
     def candidates(self, vectors: np.ndarray, k: int, allowed: np.ndarray | None = None) -> np.ndarray:
-        """Row positions of the union of the `k` best means by inner product for each query vector,
-        restricted to the positions in `allowed` when given."""
+        """Row positions of the versions owning the `k` x (mean components per version) best component
+        means by inner product for each query vector, restricted to the positions in `allowed` when given."""
         if len(self) == 0 or k < 1:
             return np.zeros(0, np.int64)
+        per_version = len(self.means) / len(self)
+        k = math.ceil(k * per_version)
         params = None
         if allowed is not None:
             if len(allowed) == 0:
                 return np.zeros(0, np.int64)
-            selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
+            selector = faiss.IDSelectorBatch(np.ascontiguousarray(self.components_of(allowed), dtype=np.int64))
             params = (
                 faiss.SearchParametersIVF(sel=selector, nprobe=DEFAULT_NPROBE)
                 if self.kind == "ivf"
@@ -87,14 +110,19 @@ class MomentIndex:
         threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(1)
         try:
-            _, ids = self.faiss_index.search(queries, min(k, len(self)), params=params)
+            _, ids = self.faiss_index.search(queries, min(k, len(self.means)), params=params)
         finally:
             faiss.omp_set_num_threads(threads)
-        return np.unique(ids[ids >= 0]).astype(np.int64)  # sorted: memory-mapped reads go in file order
+        found = ids[ids >= 0]
+        # sorted: memory-mapped reads go in file order
+        return np.unique(np.searchsorted(self.starts, found, side="right") - 1).astype(np.int64)
 
-    def moments(self, positions: np.ndarray) -> MomentBatch:
-        """The moments at sorted row `positions`, reading only those rows of the memory-mapped arrays."""
-        return MomentBatch.from_arrays(self.means[positions], self.factors[positions], self.diags[positions])
+    def moments(self, positions: np.ndarray) -> MixtureBatch:
+        """The mixtures at sorted row `positions`, reading only their rows of the memory-mapped arrays."""
+        comps = self.components_of(positions)
+        owner = np.repeat(np.arange(len(positions)), self.starts[positions + 1] - self.starts[positions])
+        return MixtureBatch.from_arrays(self.means[comps], self.factors[comps], self.diags[comps],
+                                        self.log_weights[comps], owner, len(positions))
 
     def positions_of(self, embedding_ids: np.ndarray) -> np.ndarray:
         """Row positions of those of `embedding_ids` that the index holds."""
@@ -131,13 +159,17 @@ def build_faiss(means: np.ndarray) -> tuple[faiss.Index, str]:
 def write_index(
     directory: Path,
     encoder_hash: str,
+    modality: str,
     fingerprint: Fingerprint,
     rows: np.ndarray,
+    starts: np.ndarray,
+    log_weights: np.ndarray,
     means: np.ndarray,
     factors: np.ndarray,
     diags: np.ndarray,
 ) -> MomentIndex:
-    """Write a complete index next to `directory`, then move it into place."""
+    """Write a complete index next to `directory`, then move it into place: `rows` (n,) embedding ids,
+    `starts` (n + 1,) their components' offsets into the (N, ...) component arrays."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = directory.with_name(f".{directory.name}.build-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -146,12 +178,15 @@ def write_index(
         means = np.ascontiguousarray(means, dtype=np.float32)
         index, kind = build_faiss(means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12))
         _write_npy(staging / "rows.npy", np.asarray(rows, dtype=np.int64))
+        _write_npy(staging / "starts.npy", np.asarray(starts, dtype=np.int64))
+        _write_npy(staging / "weights.npy", np.asarray(log_weights, dtype=np.float64))
         _write_npy(staging / "means.npy", means)
         _write_npy(staging / "factors.npy", np.asarray(factors, dtype=np.float16))
         _write_npy(staging / "diags.npy", np.asarray(diags, dtype=np.float32))
         faiss.write_index(index, str(staging / "index.faiss"))
         meta = {
-            "format": INDEX_FORMAT, "encoder_hash": encoder_hash, "kind": kind, "count": len(rows),
+            "format": INDEX_FORMAT, "encoder_hash": encoder_hash, "modality": modality, "kind": kind,
+            "count": len(rows), "components": len(means),
             "fingerprint": [fingerprint.count, fingerprint.max_id, fingerprint.id_sum],
         }
         (staging / "meta.json").write_text(json.dumps(meta))
@@ -163,12 +198,14 @@ def write_index(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    opened = open_index(directory, encoder_hash)
+    opened = open_index(directory, encoder_hash, modality)
     assert opened is not None
     return opened
 
 
-INDEX_FILES = ("meta.json", "rows.npy", "means.npy", "factors.npy", "diags.npy", "index.faiss")
+INDEX_FILES = (
+    "meta.json", "rows.npy", "starts.npy", "weights.npy", "means.npy", "factors.npy", "diags.npy", "index.faiss",
+)
 _opened: dict[Path, tuple[tuple[tuple[int, int, int], ...], MomentIndex]] = {}
 """Indexes already read by this process, with the state of their files when read: a long-lived process
 searching many times reads a large FAISS file once, not once per query."""
@@ -181,7 +218,7 @@ def _file_state(directory: Path) -> tuple[tuple[int, int, int], ...] | None:
         return None
 
 
-def open_index(directory: Path, encoder_hash: str) -> MomentIndex | None:
+def open_index(directory: Path, encoder_hash: str, modality: str) -> MomentIndex | None:
     """The index in `directory`, or None when it is missing, unreadable, of another encoder or format,
     or inconsistent (the caller then rebuilds it from the database). Reuses this process's copy while
     none of the index's files has changed on disk."""
@@ -189,33 +226,41 @@ def open_index(directory: Path, encoder_hash: str) -> MomentIndex | None:
     if state is None:
         return None
     cached = _opened.get(directory)
-    if cached is not None and cached[0] == state and cached[1].encoder_hash == encoder_hash:
+    if cached is not None and cached[0] == state and (cached[1].encoder_hash, cached[1].modality) == (
+        encoder_hash, modality
+    ):
         return cached[1]
-    index = _read_index(directory, encoder_hash)
+    index = _read_index(directory, encoder_hash, modality)
     if index is not None:
         _opened[directory] = (state, index)
     return index
 
 
-def _read_index(directory: Path, encoder_hash: str) -> MomentIndex | None:
+def _read_index(directory: Path, encoder_hash: str, modality: str) -> MomentIndex | None:
     try:
         meta = json.loads((directory / "meta.json").read_text())
-        if meta.get("format") != INDEX_FORMAT or meta.get("encoder_hash") != encoder_hash:
+        if (meta.get("format"), meta.get("encoder_hash"), meta.get("modality")) != (
+            INDEX_FORMAT, encoder_hash, modality
+        ):
             return None
         rows = np.load(directory / "rows.npy", allow_pickle=False)
+        starts = np.load(directory / "starts.npy", allow_pickle=False)
+        log_weights = np.load(directory / "weights.npy", allow_pickle=False)
         means = np.load(directory / "means.npy", mmap_mode="r", allow_pickle=False)
         factors = np.load(directory / "factors.npy", mmap_mode="r", allow_pickle=False)
         diags = np.load(directory / "diags.npy", mmap_mode="r", allow_pickle=False)
         index = faiss.read_index(str(directory / "index.faiss"))
     except (OSError, ValueError, RuntimeError, json.JSONDecodeError):
         return None
-    n = len(rows)
+    n, N = len(rows), len(means)
     consistent = (
-        means.ndim == 2 and factors.ndim == 3 and diags.shape == means.shape and len(means) == n
-        and len(factors) == n and factors.shape[1] == means.shape[1] and index.ntotal == n
-        and meta.get("count") == n
+        means.ndim == 2 and factors.ndim == 3 and diags.shape == means.shape and starts.shape == (n + 1,)
+        and log_weights.shape == (N,) and len(factors) == N and factors.shape[1] == means.shape[1]
+        and index.ntotal == N and meta.get("count") == n and n > 0 and starts[0] == 0 and starts[-1] == N
+        and bool(np.all(np.diff(starts) > 0))
     )
     if not consistent:
         return None
     fingerprint = Fingerprint(*meta["fingerprint"])
-    return MomentIndex(directory, encoder_hash, rows, means, factors, diags, index, fingerprint, meta["kind"])
+    return MomentIndex(directory, encoder_hash, modality, rows, starts, log_weights, means, factors, diags, index,
+                       fingerprint, meta["kind"])

@@ -1,11 +1,18 @@
 """`zoo index`: sample each version through its family adapter, embed the samples, store their moments.
 
 Per version and encoder, N samples (seeds first_seed, first_seed+1, ...; for prompted families the
-prompts are dealt out round-robin over the seeds) are embedded and L2-normalised, and their mean and
-covariance (top-r eigenpairs plus diagonal) become one `embeddings` row, stored with the sample spec
-that made it. Indexing is incremental: a version that already has an embedding for this encoder and
+prompts are dealt out round-robin over the seeds) are embedded and L2-normalised, and summarised by a
+mixture of Gaussians (search/moments.py), each a mean and a covariance (top-r eigenpairs plus diagonal).
+The components, at most `max_components` (`zoo index --components`, 1 for the paper's single Gaussian):
+- a text-conditional model (diffusion, LM) sampled with two or more prompts, each with at least two
+  samples: one component per prompt, weighted by its share of the samples, whatever `max_components`
+  (above 1) says, since the prompts are the clusters the user asked for;
+- otherwise (GANs, one prompt): K from 1 to `max_components` chosen by BIC over k-means clusterings.
+The mixture becomes one `embeddings` row, stored with the sample spec that made it and the modality
+(images or texts). Indexing is incremental: a version that already has an embedding for this encoder and
 this spec is skipped, so re-running `zoo index` after an import or an edit samples only the new
-versions. The on-disk FAISS index is refreshed from the table afterwards (search/catalog.py).
+versions; `rebuild` samples it again and replaces the row (how a registry indexed before mixtures gets
+them). The on-disk FAISS index is refreshed from the table afterwards (search/engine.py).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
 from modelzoo.registry.errors import BadInput
@@ -30,10 +37,11 @@ from modelzoo.registry.placement import load_model
 from modelzoo.registry.records import VersionInfo
 from modelzoo.registry.schema import Embedding, Model, Version
 from modelzoo.registry.store import Registry
-from modelzoo.search.moments import Moments, moments_of
+from modelzoo.search.moments import Mixture, Moments, fit_mixture, grouped_mixture, mixture_of
 
 DEFAULT_SAMPLES = 256
 DEFAULT_RANK = 16
+DEFAULT_COMPONENTS = 8
 SAMPLE_KIND = {"diffusion": "images", "gan": "images", "lm": "texts"}
 """Families that can be indexed and what their samples are; encoders (`clip`) are not searched."""
 DEFAULT_PROMPTS = {
@@ -102,6 +110,7 @@ class IndexedVersion:
     seconds: float
     thumbnail: str
     skipped: bool
+    components: int = 0
 
 
 def indexable_versions(registry: Registry) -> list[VersionInfo]:
@@ -114,13 +123,14 @@ def indexable_versions(registry: Registry) -> list[VersionInfo]:
     return [registry.info_by_id(i) for i in ids]
 
 
-def parent_specs(registry: Registry, version_id: int) -> list[tuple[str, str, SampleSpec, int]]:
-    """(encoder id, encoder hash, sample spec, rank) of each embedding of a version: how to index its child."""
+def parent_specs(registry: Registry, version_id: int) -> list[tuple[str, str, SampleSpec, int, int]]:
+    """(encoder id, encoder hash, sample spec, rank, components) of each embedding of a version: how to
+    index its child (a parent with one component is indexed as one Gaussian, a mixture as the default)."""
     with registry.db.read() as session:
         rows = session.scalars(select(Embedding).where(Embedding.version_id == version_id)).all()
         return [
             (r.encoder_id, r.encoder_hash, SampleSpec(**{**r.sample_spec, "prompts": tuple(r.sample_spec["prompts"])}),
-             r.rank)
+             r.rank, 1 if r.components == 1 else DEFAULT_COMPONENTS)
             for r in rows
         ]
 
@@ -167,16 +177,21 @@ def index_version(
     progress: IndexProgress | None = None,
     device: str = "cpu",
     dtype: str | None = None,
+    max_components: int = DEFAULT_COMPONENTS,
+    rebuild: bool = False,
 ) -> IndexedVersion:
-    """Sample, embed and store the moments of one version (skipped when already stored); the version is
-    sampled on `device` in `dtype` (None: as stored), the encoder runs as it was loaded."""
+    """Sample, embed and store the moments of one version (skipped when already stored, unless `rebuild`);
+    the version is sampled on `device` in `dtype` (None: as stored), the encoder runs as it was loaded."""
+    if max_components < 1:
+        raise BadInput(f"--components must be at least 1, got {max_components}")
     found = existing_embedding(registry, info.id, encoder.weights_hash, spec.hash)
-    if found is not None:
+    if found is not None and not rebuild:
         return IndexedVersion(info.ref, found, spec.count, 0.0, "", skipped=True)
     started = time.perf_counter()
     family = get_family(info.family)
     model = load_model(registry, info.ref, device, dtype)
     features: list[np.ndarray] = []
+    groups: list[str] = []
     kept: list[Sample] = []
     done = 0
     call_options = dict(spec.options)
@@ -185,18 +200,28 @@ def index_version(
     for prompt, seeds in spec.batches(batch_size):
         samples = family.sample(model, seeds, prompt, **call_options)
         features.append(embed_samples(encoder, samples))
+        groups += [prompt or ""] * len(samples)
         if len(kept) < THUMBNAIL_SAMPLES:
             kept.extend(samples[: THUMBNAIL_SAMPLES - len(kept)])
         done += len(seeds)
         if progress:
             progress(info.ref, done, spec.count)
-    moments = moments_of(np.concatenate(features), rank)
+    mixture = summarise(np.concatenate(features), np.array(groups), rank, max_components)
     name = f"{info.id}-{encoder.weights_hash[:12]}-{spec.hash[:12]}.{'png' if spec.kind == 'images' else 'txt'}"
     thumbnail = thumbnail_dir(registry) / name
     _write_thumbnail(thumbnail, kept)
     seconds = time.perf_counter() - started
-    embedding_id = store_embedding(registry, info.id, encoder, spec, moments, str(thumbnail), seconds)
-    return IndexedVersion(info.ref, embedding_id, spec.count, seconds, str(thumbnail), skipped=False)
+    embedding_id = store_embedding(registry, info.id, encoder, spec, mixture, str(thumbnail), seconds, replace=rebuild)
+    return IndexedVersion(info.ref, embedding_id, spec.count, seconds, str(thumbnail), skipped=False,
+                          components=mixture.components)
+
+
+def summarise(features: np.ndarray, groups: np.ndarray, rank: int, max_components: int) -> Mixture:
+    """The mixture rule of the module docstring: per prompt group, else K by BIC up to max_components."""
+    labels, counts = np.unique(groups, return_counts=True)
+    if max_components > 1 and len(labels) >= 2 and counts.min() >= 2:
+        return grouped_mixture(features, groups, rank)
+    return fit_mixture(features, rank, max_components)
 
 
 def store_embedding(
@@ -204,18 +229,29 @@ def store_embedding(
     version_id: int,
     encoder: ClipEncoder,
     spec: SampleSpec,
-    moments: Moments,
+    moments: Mixture | Moments,
     thumbnail: str,
     seconds: float,
+    replace: bool = False,
 ) -> int:
+    """Store the row (a Gaussian as a one-component mixture); `replace`: in the same transaction, drop
+    the version's embedding of this encoder and spec first."""
+    mixture = moments if isinstance(moments, Mixture) else mixture_of([moments], [moments.count])
     row = Embedding(
         version_id=version_id, encoder_id=encoder.id, encoder_hash=encoder.weights_hash, spec_hash=spec.hash,
-        sample_spec=spec.to_json(), count=moments.count, dim=moments.dim, rank=moments.rank,
-        mean=moments.mean.astype("<f4").tobytes(), factor=moments.factor.astype("<f2").tobytes(),
-        diag=moments.diag.astype("<f4").tobytes(), thumbnail=thumbnail, seconds=round(seconds, 3),
+        sample_spec=spec.to_json(), count=mixture.count, dim=mixture.dim, rank=mixture.rank,
+        mean=mixture.mean.astype("<f4").tobytes(), factor=mixture.factor.astype("<f2").tobytes(),
+        diag=mixture.diag.astype("<f4").tobytes(), components=mixture.components,
+        weights=None if mixture.components == 1 else mixture.weights.astype("<f4").tobytes(),
+        modality=spec.kind, thumbnail=thumbnail, seconds=round(seconds, 3),
     )
     try:
         with registry.db.write() as session:
+            if replace:
+                session.execute(delete(Embedding).where(
+                    Embedding.version_id == version_id, Embedding.encoder_hash == encoder.weights_hash,
+                    Embedding.spec_hash == spec.hash,
+                ))
             session.add(row)
             session.flush()
             return int(row.id)
@@ -226,8 +262,15 @@ def store_embedding(
         return found
 
 
+def decode_mixture(row: Embedding) -> Mixture:
+    K = row.components
+    mean = np.frombuffer(row.mean, "<f4").astype(np.float32).reshape(K, row.dim)
+    factor = np.frombuffer(row.factor, "<f2").astype(np.float32).reshape(K, row.dim, row.rank)
+    diag = np.frombuffer(row.diag, "<f4").astype(np.float32).reshape(K, row.dim)
+    weights = np.ones(1, np.float32) if row.weights is None else np.frombuffer(row.weights, "<f4").astype(np.float32)
+    return Mixture(weights, mean, factor, diag, row.count)
+
+
 def decode_moments(row: Embedding) -> Moments:
-    mean = np.frombuffer(row.mean, "<f4").astype(np.float32)
-    factor = np.frombuffer(row.factor, "<f2").astype(np.float32).reshape(row.dim, row.rank)
-    diag = np.frombuffer(row.diag, "<f4").astype(np.float32)
-    return Moments(mean, factor, diag, row.count)
+    """The row's single Gaussian (its mixture collapsed by moment matching)."""
+    return decode_mixture(row).collapsed()

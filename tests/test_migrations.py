@@ -19,7 +19,7 @@ import modelzoo
 from modelzoo.registry.blobs import BlobStore, LocalDirectoryBackend, StoredBlob
 from modelzoo.registry.db import MIGRATIONS, head_revision, make_engine
 from modelzoo.registry.derived import DerivedTensors, key_hash
-from modelzoo.registry.schema import Base, utcnow
+from modelzoo.registry.schema import Base, Embedding, utcnow
 from modelzoo.registry.store import manifest_hash
 
 # sha256 of each revision script as released: a released script is never edited, or registries that say
@@ -32,9 +32,10 @@ RELEASED = {
     "0005_source_files.py": "3b9246535aca7a0999845146829a50143efe86848f66b550f6e4aedafb3e57e1",
     "0006_analyses.py": "fd84346327e843b46ca448d4711244bcd7f20b5310129a55e166decc83c5b568",
     "0007_factored_tensors.py": "0cca9d59603d13bb4e9e682409764b99adcc6e6a03fac8bc4018d3ac20ba54b0",
+    "0008_embedding_mixtures.py": "314c5a334dbc0182fc4573906b74aeaad6e84cf10a39839319a9fd461e2dedae",
 }
 # A revision, or "0003-edited": the schema that 0003 made while its script also created `depends_on`.
-STATES = ["0001", "0002", "0003", "0003-edited", "0004", "0005", "0006"]
+STATES = ["0001", "0002", "0003", "0003-edited", "0004", "0005", "0006", "0007"]
 KEPT = torch.arange(6, dtype=torch.float32).reshape(2, 3)
 DELETED = torch.ones(4)
 DERIVED = torch.eye(3)
@@ -135,6 +136,10 @@ def _assert_opens_at_head_with_its_rows(home: Path, url: str) -> modelzoo.Zoo:
 def _check_upgrade(home: Path, url: str, state: str) -> None:
     _build(home, url, state)
     zoo = _assert_opens_at_head_with_its_rows(home, url)
+    if state != "0001":  # an embedding from before 0008 reads as one Gaussian of the images of its GAN
+        with zoo.registry.db.read() as session:
+            assert session.execute(sa.select(Embedding.components, Embedding.weights, Embedding.modality)).one() == (
+                1, None, "images")
     if state.startswith("0003"):
         derived = DerivedTensors(zoo.registry).get("memit_cov", DERIVED_KEY)
         assert derived is not None and torch.equal(derived.tensor, DERIVED)

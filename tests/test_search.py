@@ -10,15 +10,17 @@ import torch
 from cli_helpers import snapshot, zoo_cli
 from PIL import Image
 from scipy.stats import multivariate_normal
+from sqlalchemy import select
 
 import modelzoo
 from modelzoo.demo.train_clip import CLIP_CONFIG
 from modelzoo.registry.families.clip import build_clip, save_clip
 from modelzoo.registry.families.gan import save_gan
 from modelzoo.registry.families.stylegan import Generator, StyleGanConfig
+from modelzoo.registry.schema import Embedding
 from modelzoo.search import engine
 from modelzoo.search.indexer import SampleSpec, store_embedding
-from modelzoo.search.moments import moments_of
+from modelzoo.search.moments import grouped_mixture, mixture_of, moments_of
 
 TINY = StyleGanConfig.tiny()
 
@@ -74,7 +76,7 @@ def test_filters_restrict_results_and_deleted_versions_disappear(world: modelzoo
 
 def test_a_stale_or_damaged_index_is_rebuilt_from_the_database(world: modelzoo.Zoo) -> None:
     encoder_hash = engine.indexed_encoders(world.registry)[0].encoder_hash
-    directory = engine.index_dir(world.registry, encoder_hash)
+    directory = engine.index_dir(world.registry, encoder_hash, "images")
     expected = [h.ref for h in world.search(like=["gan-a"])]
     (directory / "factors.npy").write_bytes(b"garbage")
     assert [h.ref for h in world.search(like=["gan-a"])] == expected
@@ -178,5 +180,88 @@ def test_diffusion_and_lm_versions_are_sampled_from_prompts_and_searchable(
     assert done[0].thumbnail.endswith(".png") and done[1].thumbnail.endswith(".txt")
     row = engine.indexed_encoders(zoo.registry)
     assert [(e.encoder_id, e.versions) for e in row] == [("zoo:clip@1", 2)]
-    assert {h.ref for h in zoo.search(text=["a red circle"])} == {"sd@1", "lm@1"}
     assert [h.ref for h in zoo.search(text=["a red circle"], family="lm")] == ["lm@1"]
+    assert [h.ref for h in zoo.search(text=["a red circle"], modality="text")] == ["lm@1"]
+    assert [(h.ref, h.modality) for h in zoo.search(like=["lm"])] == [("lm@1", "text")]
+
+
+def test_text_search_ranks_image_generators_and_never_mixes_in_language_models(
+    zoo: modelzoo.Zoo, tmp_path: Path, sd_dir: Path, gpt2_dir: Path, capsys  # type: ignore[no-untyped-def]
+) -> None:
+    import json
+
+    torch.manual_seed(0)
+    zoo.import_(save_clip(build_clip(CLIP_CONFIG.model_cfg), CLIP_CONFIG, tmp_path / "clip"), name="clip")
+    zoo.import_(sd_dir, name="sd")
+    zoo.import_(save_gan(Generator(TINY), TINY, tmp_path / "g"), name="gan")
+    zoo.import_(gpt2_dir, name="lm")
+    zoo.index(["sd"], encoder="zoo:clip", samples=4, prompts=["a red circle", "a blue square"],
+              options={"steps": 2}, rank=2)
+    zoo.index(["gan"], samples=8, rank=2)
+    zoo.index(["lm"], samples=4, prompts=["5 17"], options={"max_new_tokens": 4}, rank=2)
+    home = zoo.settings.home
+    for args, expected in [
+        ([], {("sd@1", "image"), ("gan@1", "image")}),
+        (["--modality", "text"], {("lm@1", "text")}),
+        (["--family", "lm"], {("lm@1", "text")}),
+        (["--modality", "image", "--summary", "gaussian"], {("sd@1", "image"), ("gan@1", "image")}),
+    ]:
+        result = zoo_cli(capsys, home, "search", "--text", "a red circle", "--top-k", "10", "--json", *args)
+        assert result.code == 0, result.err
+        assert {(h["ref"], h["modality"]) for h in json.loads(result.out)} == expected, args
+    result = zoo_cli(capsys, home, "search", "--like", "lm", "--modality", "image")
+    assert result.code == 2 and "--modality text" in result.err
+    result = zoo_cli(capsys, home, "search", "--text", "a red circle", "--modality", "audio")
+    assert result.code == 2 and "unknown modality" in result.err
+
+
+def test_mixture_ranks_the_specialist_above_a_broad_model_that_one_gaussian_prefers(
+    zoo: modelzoo.Zoo, tmp_path: Path
+) -> None:
+    """A broad model half of whose samples are the specialist's cluster: its single Gaussian has a wide
+    variance along the query, which the moment-generating score rewards; its mixture scores about
+    log(1/2) below the specialist, as log E[exp(tau q.x)] does."""
+    rng = np.random.default_rng(1)
+    d = 16
+    centres = np.eye(d)[:2]
+    cluster = lambda c: c + rng.normal(size=(100, d)) * 0.05  # noqa: E731
+    specialist_x = cluster(centres[0])
+    broad_x = np.concatenate([specialist_x, cluster(centres[1])])
+    zoo.import_(save_gan(Generator(TINY), TINY, tmp_path / "g"), name="g")
+    version_id = zoo.get("g").id
+    encoder = _Encoder("fake", "f" * 64)
+    groups = np.repeat(["a", "b"], 100)
+    broad, specialist = grouped_mixture(broad_x, groups, 4), mixture_of([moments_of(specialist_x, 4)], [100])
+    for i, mixture in enumerate([broad, specialist]):
+        store_embedding(zoo.registry, version_id, encoder, SampleSpec("images", 100, first_seed=i), mixture, "", 0.0)
+    query = engine.SearchQuery(texts=("a",))
+    found = {
+        summary: engine.search(zoo.registry, query, "f" * 64, FixedEncoder(centres[0]), top_k=2, candidates=2,
+                               tau=30.0, summary=summary)
+        for summary in ("mixture", "gaussian")
+    }
+    assert [h.embedding_id for h in found["gaussian"]] == [1]  # one version: both rows are embeddings of "g"
+    assert [h.embedding_id for h in found["mixture"]] == [2]
+    ranking = engine.rank_candidates(
+        engine.current_index(zoo.registry, "f" * 64, "images"), [engine.QueryPart("a", centres[0], "text")], 2, 30.0
+    )
+    assert ranking.total[1] - ranking.total[0] == pytest.approx(np.log(2), abs=0.05)
+
+
+def test_rebuild_upgrades_one_gaussian_embeddings_to_one_component_per_prompt(
+    zoo: modelzoo.Zoo, tmp_path: Path, sd_dir: Path
+) -> None:
+    torch.manual_seed(0)
+    zoo.import_(save_clip(build_clip(CLIP_CONFIG.model_cfg), CLIP_CONFIG, tmp_path / "clip"), name="clip")
+    zoo.import_(sd_dir, name="sd")
+    prompts = ["a red circle", "a blue square"]
+    first = zoo.index(["sd"], encoder="zoo:clip", samples=4, prompts=prompts, options={"steps": 2}, rank=2,
+                      components=1)
+    assert [d.components for d in first] == [1]
+    assert all(d.skipped for d in zoo.index(["sd"], samples=4, prompts=prompts, options={"steps": 2}, rank=2))
+    again = zoo.index(rebuild=True)
+    assert [(d.ref, d.components, d.skipped) for d in again] == [("sd@1", 2, False)]
+    with zoo.registry.db.read() as session:
+        rows = session.scalars(select(Embedding)).all()
+        assert [(r.id, r.components, r.sample_spec["count"]) for r in rows] == [(again[0].embedding_id, 2, 4)]
+    assert [h.ref for h in zoo.search(text=["a red circle"])] == ["sd@1"]

@@ -5,12 +5,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.linalg
+import torch
 from scipy.stats import multivariate_normal
 
 from modelzoo.search.moments import (
+    Mixture,
+    MixtureBatch,
     MomentBatch,
     density_scores,
+    fit_mixture,
+    frechet_bounds,
     frechet_distance,
+    grouped_mixture,
+    matched_frechet,
+    mixture_density_scores,
+    mixture_of,
+    mixture_text_scores,
     moments_of,
     text_scores,
 )
@@ -73,3 +83,87 @@ def test_frechet_distance_matches_scipy_sqrtm() -> None:
     expected = np.sum((a.mean - b.mean) ** 2) + np.trace(sa) + np.trace(sb) - 2 * np.trace(cross)
     assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-4, abs=1e-7)
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def _two_cluster_features(rng: np.random.Generator, n: int = 300, d: int = 16) -> np.ndarray:
+    centres = rng.normal(size=(2, d))
+    x = np.concatenate([c + rng.normal(size=(n // 2, d)) * 0.15 for c in centres])
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _mixture_draws(mix: Mixture, rng: np.random.Generator, n: int) -> np.ndarray:
+    which = rng.choice(mix.components, size=n, p=mix.weights / mix.weights.sum())
+    draws = np.empty((n, mix.dim))
+    for k in range(mix.components):
+        chosen = which == k
+        cov = mix.component(k).covariance().astype(np.float64)
+        draws[chosen] = rng.multivariate_normal(mix.mean[k], cov, size=int(chosen.sum()))
+    return draws
+
+
+def test_mixture_text_score_is_the_monte_carlo_log_mean_of_exp_tau_q_x_within_one_percent() -> None:
+    rng = np.random.default_rng(5)
+    x = _two_cluster_features(rng)
+    mix = grouped_mixture(x, np.repeat([0, 1], 150), rank=4)
+    mix = Mixture(np.array([0.8, 0.2], np.float32), mix.mean, mix.factor, mix.diag, mix.count)
+    # q points at the smaller cluster: the score is then far from what the mean alone or one Gaussian says
+    q = mix.mean[1] / np.linalg.norm(mix.mean[1])
+    tau = 10.0
+    score = mixture_text_scores(MixtureBatch.of([mix]), q, tau)[0]
+    estimate = np.log(np.mean(np.exp(tau * _mixture_draws(mix, rng, 100_000) @ q)))
+    assert abs(score - estimate) <= 0.01 * abs(estimate)
+    # ...which averaging the components' log scores (Jensen's gap) misses by far more than 1%
+    averaged = mix.weights @ text_scores(MixtureBatch.of([mix]).components, q, tau)
+    assert abs(averaged - estimate) > 0.1 * abs(estimate)
+
+
+def test_collapsed_mixture_has_the_pooled_mean_and_covariance() -> None:
+    rng = np.random.default_rng(6)
+    x = _two_cluster_features(rng, d=8)
+    mix = grouped_mixture(x, np.repeat([0, 1], 150), rank=8)
+    pooled = mix.collapsed()
+    np.testing.assert_allclose(pooled.mean, x.mean(0), atol=1e-6)
+    within = sum(0.5 * np.cov(g, rowvar=False) for g in (x[:150], x[150:]))  # each group's own covariance
+    between = 0.5 * sum(np.outer(m - x.mean(0), m - x.mean(0)) for m in (x[:150].mean(0), x[150:].mean(0)))
+    np.testing.assert_allclose(pooled.covariance(), within + between, atol=1e-5)
+    batch = MixtureBatch.of([mix, mixture_of([moments_of(x, 3)], [len(x)])]).collapsed()
+    np.testing.assert_allclose(batch.mean[0].numpy(), pooled.mean, atol=1e-6)
+    dense = batch.factor[0].double() @ batch.factor[0].double().T + torch.diag(batch.diag[0].double())
+    np.testing.assert_allclose(dense.numpy(), pooled.covariance(), atol=1e-5)
+
+
+def test_mixture_density_equals_the_dense_mixture_density() -> None:
+    rng = np.random.default_rng(7)
+    x = _two_cluster_features(rng)
+    mixes = [grouped_mixture(x, np.repeat([0, 1], 150), rank=3), mixture_of([moments_of(x, 3)], [len(x)])]
+    q = x[3]
+    scores = mixture_density_scores(MixtureBatch.of(mixes), q, eps=1e-3)
+    for mix, score in zip(mixes, scores, strict=True):
+        dense = sum(
+            w * multivariate_normal(mix.mean[k], mix.component(k).covariance() + 1e-3 * np.eye(16)).pdf(q)
+            for k, w in enumerate(mix.weights)
+        )
+        assert score == pytest.approx(np.log(dense), rel=1e-5)
+
+
+def test_bic_finds_two_clusters_and_keeps_one_gaussian_for_one() -> None:
+    rng = np.random.default_rng(8)
+    assert fit_mixture(_two_cluster_features(rng), rank=2, max_components=4).components == 2
+    gaussian = rng.normal(size=(300, 16)) @ (rng.normal(size=(16, 16)) * 0.05) + rng.normal(size=16)
+    assert fit_mixture(gaussian, rank=2, max_components=4).components == 1
+    assert fit_mixture(_two_cluster_features(rng), rank=2, max_components=1).components == 1
+
+
+def test_frechet_bound_is_above_the_exact_distance_and_zero_on_itself() -> None:
+    rng = np.random.default_rng(9)
+    models = [moments_of(_features(rng, spread=s), rank=4) for s in (0.2, 0.5, 0.9)]
+    batch = MomentBatch.of(models)
+    bounds = frechet_bounds(batch, batch)
+    for i, a in enumerate(models):
+        assert bounds[i, i] == pytest.approx(0.0, abs=1e-5)
+        for j, b in enumerate(models):
+            assert bounds[i, j] >= frechet_distance(a, b) - 1e-5
+    mixes = [mixture_of([m], [10]) for m in models]
+    distances = matched_frechet(mixes[0], MixtureBatch.of(mixes))
+    assert distances[0] == pytest.approx(0.0, abs=1e-5)
+    np.testing.assert_allclose(distances[1:], bounds[0, 1:], rtol=1e-6)
