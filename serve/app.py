@@ -64,6 +64,8 @@ class SearchRequest:
     top_k: int = 10
     family: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    modality: str | None = None
+    summary: str = "mixture"
 
     @classmethod
     def of(cls, fields: QueryParams | FormData) -> SearchRequest:
@@ -71,8 +73,9 @@ class SearchRequest:
         top_k = integer(fields, "top_k", 10)
         if not 1 <= top_k <= MAX_TOP_K:
             raise BadInput(f"top_k must lie in [1, {MAX_TOP_K}], got {top_k}")
-        return cls(_texts(fields, "text"), [], [], _texts(fields, "like"), top_k, fields.get("family") or None,
-                   parse_pairs(_texts(fields, "tag")))
+        text = lambda name: value if isinstance(value := fields.get(name), str) and value else None  # noqa: E731
+        return cls(_texts(fields, "text"), [], [], _texts(fields, "like"), top_k, text("family"),
+                   parse_pairs(_texts(fields, "tag")), text("modality"), text("summary") or "mixture")
 
     @property
     def empty(self) -> bool:
@@ -113,11 +116,21 @@ def create_app(zoo: modelzoo.Zoo, settings: ServeSettings | None = None) -> Star
     templates.env.filters["bytes"] = human_bytes
     templates.env.filters["pretty"] = lambda value: json.dumps(value, indent=2, default=str) if value else ""
 
-    def hits(request: SearchRequest) -> list[dict[str, Any]]:
+    def hits(request: SearchRequest, modality: str | None = None) -> list[dict[str, Any]]:
         with searching:
             found = zoo.search(text=request.text, image=request.image, sketch=request.sketch, like=request.like,
-                               top_k=request.top_k, family=request.family, tags=request.tags)
+                               top_k=request.top_k, family=request.family, tags=request.tags,
+                               modality=modality or request.modality, summary=request.summary)
         return [hit_json(h) for h in found]
+
+    def result_lists(request: SearchRequest) -> list[tuple[str, list[dict[str, Any]]]]:
+        """(title, hits) per list shown: a text query that names no family or modality is answered among
+        image generators and, separately, among language models; their scores are not comparable."""
+        both = request.text and not (request.image or request.sketch or request.like or request.family
+                                     or request.modality)
+        if not both:
+            return [("results", hits(request))]
+        return [("image generators", hits(request, "image")), ("language models", hits(request, "text"))]
 
     async def posted_search(request: Request) -> SearchRequest:
         form = await bounded_form(request, settings.max_upload_bytes)
@@ -158,10 +171,12 @@ def create_app(zoo: modelzoo.Zoo, settings: ServeSettings | None = None) -> Star
     # Pages.
     async def search_page(request: Request) -> Response:
         search = await posted_search(request) if request.method == "POST" else SearchRequest.of(request.query_params)
-        found = [] if search.empty else await run_in_threadpool(hits, search)
+        found = [] if search.empty else await run_in_threadpool(result_lists, search)
         return templates.TemplateResponse(request, "index.html", {
-            "search": search, "hits": [{**hit, "thumbnail_name": _thumbnail_name(hit["thumbnail"])} for hit in found],
-            "searched": not search.empty,
+            "search": search, "searched": not search.empty, "lists": [
+                (title, [{**hit, "thumbnail_name": _thumbnail_name(hit["thumbnail"])} for hit in hits])
+                for title, hits in found
+            ],
         })
 
     async def version_page(request: Request) -> Response:

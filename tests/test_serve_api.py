@@ -218,3 +218,25 @@ def test_every_api_route_equals_the_cli_json_on_the_quick_world(quick_world, tmp
     grid = client.get("/api/versions/shapes-sd@1/samples?seed=1&n=2&prompt=a+red+circle")
     assert grid.status_code == 200 and Image.open(io.BytesIO(grid.content)).size[0] > 0
     assert snapshot(quick_world) == before
+
+
+def test_a_text_search_page_lists_image_generators_and_language_models_apart(
+    zoo: modelzoo.Zoo, tmp_path: Path, tiny_gan_dir: Path, gpt2_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from modelzoo.demo.train_clip import CLIP_CONFIG
+    from modelzoo.registry.families.clip import build_clip, save_clip
+
+    torch.manual_seed(0)
+    zoo.import_(save_clip(build_clip(CLIP_CONFIG.model_cfg), CLIP_CONFIG, tmp_path / "clip"), name="clip")
+    zoo.import_(tiny_gan_dir, name="gan")
+    zoo.import_(gpt2_dir, name="lm")
+    zoo.index(["gan"], encoder="zoo:clip", samples=8, rank=2)
+    zoo.index(["lm"], samples=4, prompts=["5 17"], options={"max_new_tokens": 4}, rank=2)
+    client = TestClient(create_app(zoo))
+    page = client.get("/?text=a+red+circle").text
+    lists = re.findall(r'data-list="([^"]+)"(.*?)</div>', page, re.S)
+    assert [(title, re.findall(r'data-ref="([^"]+)" data-modality="(\w+)"', body)) for title, body in lists] == [
+        ("image generators", [("gan@1", "image")]), ("language models", [("lm@1", "text")])]
+    for query, args in [("text=a&modality=text", ["--text", "a", "--modality", "text"]),
+                        ("text=a&summary=gaussian", ["--text", "a", "--summary", "gaussian"])]:
+        assert client.get(f"/api/search?{query}").json() == cli_json(capsys, zoo.settings.home, "search", *args)
