@@ -135,9 +135,10 @@ import torch
 
 import modelzoo
 from modelzoo.demo.real_facts import DEFAULT_FILE, HALVES, half, load
+from modelzoo.editors import memit
 from modelzoo.editors.lm_eval import fact_scores
 from modelzoo.editors.lm_finetune import finetune
-from modelzoo.editors.lm_requests import request_from_json
+from modelzoo.editors.lm_requests import pad_batch, request_from_json
 from modelzoo.editors.memit import MemitRequest, compute_z, context_templates, prepare, statistics, update_layers
 from modelzoo.registry.derived import DerivedTensors
 
@@ -243,18 +244,39 @@ def timing(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
+class _WholeSequences:
+    """The reference's pass: every step runs each prompt from its first token (no prefix cache). It
+    returns what `memit._SplitBatch` does, the hidden states from each subject's last token on."""
+
+    def __init__(self, lm: torch.nn.Module, seqs: list[Any], pad: int, device: torch.device) -> None:
+        self.seqs, self.pad, self.device = seqs, pad, device
+
+    def final_hidden(self, lm: torch.nn.Module, rows: list[int]) -> torch.Tensor:
+        ids, mask = pad_batch([self.seqs[r].ids for r in rows], self.pad)
+        whole = lm.base_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+        starts = torch.tensor([self.seqs[r].tokens.subject_last for r in rows], device=whole.device)
+        index = (starts[:, None] + torch.arange(whole.shape[1], device=whole.device)).clamp_max(whole.shape[1] - 1)
+        return whole.gather(1, index[:, :, None].expand(-1, -1, whole.shape[2]))
+
+
+Z_WAYS = {"reference": (1, _WholeSequences), "sequential": (1, memit._SplitBatch), "batched": (None, memit._SplitBatch)}
+"""How z is optimised: (requests per batch, None for `--z-batch`; the pass each step runs)."""
+
+
 def zbatch(args: argparse.Namespace) -> dict[str, Any]:
-    """Sequential z (one request at a time, the reference's loop) against batched z, at each edit count:
-    z seconds, how far the batched deltas lie from the sequential ones, and MEMIT's efficacy, paraphrase
-    and neighbourhood after each (same statistics, templates and solve). Time is wall-clock and CPU time of
-    the process (the fairer figure on a machine shared with other work). Counts beyond the half repeat its
-    facts (same cost per edit; scores are over the distinct facts). `--seq-limit` caps the requests the
-    sequential loop runs (its time is then scaled linearly and its scores are not given)."""
+    """z three ways at each edit count: the reference's loop (one request at a time, whole prompts every
+    step), one request at a time over the prefix cache, and batched over the prefix cache. z seconds, how
+    far each way's deltas lie from the reference's, and MEMIT's efficacy, paraphrase and neighbourhood after
+    each (same statistics, templates and solve). Time is wall-clock and CPU time of the process (the fairer
+    figure on a machine shared with other work). Counts beyond the half repeat its facts (same cost per
+    edit; scores are over the distinct facts). `--seq-limit` caps the requests the one-at-a-time ways run
+    (their time is then scaled linearly and their scores are not given)."""
     zoo = modelzoo.open(args.home)
     info = zoo.get(args.ref)
     model = zoo.load(info.ref)
     facts = [request_from_json(r) for r in half(load(Path(args.requests)), args.half)]
     sizes = [int(x) for x in args.sizes.split(",")]
+    ways = args.ways.split(",")
     record: dict[str, Any] = {"model": info.ref, "half": args.half, "threads": torch.get_num_threads(), "rows": []}
     for n in sizes:
         rows = [facts[i % len(facts)] for i in range(n)]
@@ -267,11 +289,17 @@ def zbatch(args: argparse.Namespace) -> dict[str, Any]:
         distinct = rows[: len(facts)]
         row: dict[str, Any] = {"edits": n}
         deltas = {}
-        for how, z_batch, limit in (("sequential", 1, args.seq_limit), ("batched", args.z_batch, 0)):
+        for how in ways:
+            z_batch, pass_ = Z_WAYS[how]
+            limit = args.seq_limit if z_batch == 1 else 0
             measured = rows[:limit] if limit and limit < n else rows
-            hp = replace(prep.hp, z_batch=z_batch)
+            hp = replace(prep.hp, z_batch=args.z_batch if z_batch is None else z_batch)
+            memit._SplitBatch = pass_  # type: ignore[misc]
             cpu = time.process_time()
-            z = compute_z(prep.lm, prep.tokenizer, prep.layout, hp, measured, templates)
+            try:
+                z = compute_z(prep.lm, prep.tokenizer, prep.layout, hp, measured, templates)
+            finally:
+                memit._SplitBatch = Z_WAYS["batched"][1]  # type: ignore[misc]
             cpu = time.process_time() - cpu
             part: dict[str, Any] = {"z_s": round(z.seconds * n / len(measured), 1),
                                     "z_cpu_s": round(cpu * n / len(measured), 1), "measured_requests": len(measured),
@@ -286,12 +314,14 @@ def zbatch(args: argparse.Namespace) -> dict[str, Any]:
                         prep.lm.get_submodule(prep.layout.down_name(x)).weight.copy_(w)
             row[how] = part
             _write(args.out, record | {"rows": [*record["rows"], row]})
-        row["speedup"] = round(row["sequential"]["z_s"] / row["batched"]["z_s"], 2)
-        row["cpu_speedup"] = round(row["sequential"]["z_cpu_s"] / row["batched"]["z_cpu_s"], 2)
-        if len(deltas) == 2:
-            a, b = deltas["sequential"], deltas["batched"]
-            row["delta_relative_difference"] = {"max": round(float(((a - b).norm(dim=1) / a.norm(dim=1)).max()), 5),
-                                                "mean": round(float(((a - b).norm(dim=1) / a.norm(dim=1)).mean()), 5)}
+        for how in ways[1:]:
+            row[how]["speedup"] = round(row[ways[0]]["z_s"] / row[how]["z_s"], 2)
+            row[how]["cpu_speedup"] = round(row[ways[0]]["z_cpu_s"] / row[how]["z_cpu_s"], 2)
+            if ways[0] in deltas and how in deltas:
+                a, b = deltas[ways[0]], deltas[how]
+                gap = (a - b).norm(dim=1) / a.norm(dim=1)
+                row[how]["delta_relative_difference"] = {"max": round(float(gap.max()), 5),
+                                                         "mean": round(float(gap.mean()), 5)}
         record["rows"].append(row)
         _write(args.out, record)
         print(json.dumps(row), flush=True)
@@ -334,6 +364,8 @@ def main() -> None:
     parser.add_argument("--seq-limit", type=int, default=0, help="zbatch: run sequential z on at most this many "
                         "requests and scale its time (0: all)")
     parser.add_argument("--z-batch", type=int, default=0, help="zbatch: requests per batch (0: all that fit)")
+    parser.add_argument("--ways", default="reference,sequential,batched",
+                        help=f"zbatch: which of {','.join(Z_WAYS)}, the first being the baseline")
     parser.add_argument("--stats-samples", type=int, default=32768)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("editors_lm.json"))

@@ -14,7 +14,8 @@ Both write many facts (subject, relation) -> object into the MLP down-projection
    and backward per step over all their prompts. Their deltas only touch their own rows, each keeps its
    own loss, KL term, clamp and early stop, and Adam is element-wise, so every z is the sequential one up
    to float rounding, which Adam's sign-like first steps can amplify where a gradient is near zero
-   (`z_batch` 1 is the reference's loop).
+   (`z_batch` 1 is the reference's loop). Each prompt's tokens before the subject's last one do not depend
+   on delta, so they run once into a key/value cache and every step runs only the rest (`_SplitBatch`).
 2. Layer by layer from L_1 (`memit_main.py`): keys K (key_dim x n), the down-projection's input at the
    subject's last token averaged over the context templates (the bare prompt weighing one half);
    residual R = (Z - H) / (layers left), H the current block-L_m outputs on the bare prompts
@@ -42,6 +43,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers import DynamicCache
 
 from modelzoo.editors.base import EditContext, EditProgress, EditResult, changed_tensors
 from modelzoo.editors.lm_layout import LmLayout, layout_of
@@ -249,10 +251,42 @@ def _with_block_output(value: Any, h: torch.Tensor) -> Any:
     return (h, *value[1:]) if isinstance(value, tuple) else h
 
 
-def _final_hidden(lm: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The backbone's last hidden states (after the final norm): logits are then taken only where needed."""
-    backbone = lm.base_model
-    return backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+class _SplitBatch:
+    """Sequences split before their subject's last token. Nothing before that token depends on delta (it
+    enters there, and attention is causal), so the prefixes run once, right-padded into one key/value
+    cache, and each step runs only the rests over it: for SmolLM2's templates about a quarter of the tokens.
+
+    The prefixes run without a padding mask (a pad only sees what precedes it, so real tokens are
+    unaffected and no row is fully masked); the rests' mask hides the pads. Positions continue each row's
+    own prefix."""
+
+    def __init__(self, lm: nn.Module, seqs: Sequence[_Sequence], pad: int, device: torch.device) -> None:
+        self.lengths = torch.tensor([s.tokens.subject_last for s in seqs])
+        self.rests = [s.ids[s.tokens.subject_last:] for s in seqs]
+        self.pad, self.device = pad, device
+        width = int(self.lengths.max())
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if width:
+            ids, _ = pad_batch([s.ids[: s.tokens.subject_last] for s in seqs], pad)
+            with torch.no_grad():
+                out = lm.base_model(input_ids=ids.to(device), use_cache=True)
+            self.layers = [(layer.keys, layer.values) for layer in out.cache.layers]
+        self.prefix_mask = (torch.arange(width)[None, :] < self.lengths[:, None]).long()
+
+    def final_hidden(self, lm: nn.Module, rows: Sequence[int]) -> torch.Tensor:
+        """The backbone's last hidden states (after the final norm) over the rests of `rows`; logits are
+        then taken only where needed. Position j of a row is its token subject_last + j."""
+        rows_t = torch.tensor(list(rows))
+        ids, mask = pad_batch([self.rests[r] for r in rows], self.pad)
+        positions = self.lengths[rows_t, None] + torch.arange(ids.shape[1])[None, :]
+        cache = None
+        if self.layers:
+            index = rows_t.to(self.device)
+            cache = DynamicCache(ddp_cache_data=[(k[index], v[index]) for k, v in self.layers])
+            mask = torch.cat([self.prefix_mask[rows_t], mask], 1)
+        out = lm.base_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                            position_ids=positions.to(self.device), cache=cache, use_cache=cache is not None)
+        return out.last_hidden_state
 
 
 # --- z: target vectors -----------------------------------------------------------------------------------
@@ -323,7 +357,8 @@ def compute_z(lm: nn.Module, tokenizer: Any, layout: LmLayout, hp: MemitHparams,
     D = torch.zeros(n, layout.hidden)  # gathered on the CPU, where the closed-form solve runs
     steps, losses = [0] * n, [math.nan] * n
     seqs = _rewrite_sequences(tokenizer, requests, templates, range(n))
-    size = z_batch_size(hp, layout, n, max(1, sum(len(s.ids) for s in seqs) // n), device)
+    rest_tokens = sum(len(s.ids) - s.tokens.subject_last for s in seqs)
+    size = z_batch_size(hp, layout, n, max(1, rest_tokens // n), device)
     for chunk_start in range(0, n, size):
         owners = list(range(chunk_start, min(n, chunk_start + size)))
         chunk = [s for s in seqs if chunk_start <= s.owner <= owners[-1]]
@@ -339,20 +374,21 @@ def _optimise_z(lm: nn.Module, tokenizer: Any, layout: LmLayout, hp: MemitHparam
     device = next(lm.parameters()).device
     layer = layout.block_name(hp.layers[-1])
     head = lm.get_output_embeddings()
-    pad = pad_id(tokenizer)
     local = {o: i for i, o in enumerate(owners)}
     delta = torch.zeros(len(owners), layout.hidden, device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
     h_init: torch.Tensor | None = None
     kl_init: torch.Tensor | None = None
     active = list(range(len(owners)))
+    with _autocast(device, hp.z_precision):
+        split = _SplitBatch(lm, seqs, pad_id(tokenizer), device)
     for it in range(hp.v_steps):
-        batch = [s for s in seqs if local[s.owner] in active]
-        ids, mask = pad_batch([s.ids for s in batch], pad)
-        lookup = torch.tensor([s.tokens.subject_last for s in batch])
-        hook = _AddDelta(delta, torch.arange(len(batch)), lookup, torch.tensor([local[s.owner] for s in batch]))
+        rows = [i for i, s in enumerate(seqs) if local[s.owner] in active]
+        batch = [seqs[i] for i in rows]
+        hook = _AddDelta(delta, torch.arange(len(batch)), torch.zeros(len(batch), dtype=torch.long),
+                         torch.tensor([local[s.owner] for s in batch]))
         with trace(lm, layer, retain_output=False, edit_output=hook), _autocast(device, hp.z_precision):
-            final = _final_hidden(lm, ids.to(device), mask.to(device))
+            final = split.final_hidden(lm, rows)
         if h_init is None:  # the first step sees every request; its first sequence is the bare prompt
             bare = [next(i for i, s in enumerate(batch) if s.owner == o) for o in owners]
             assert hook.h is not None
@@ -367,13 +403,13 @@ def _optimise_z(lm: nn.Module, tokenizer: Any, layout: LmLayout, hp: MemitHparam
                 kl_rows.append(i)
                 kl_owner.append(local[s.owner])
                 continue
-            start = len(s.tokens.ids)
+            start = len(s.tokens.ids) - s.tokens.subject_last  # where the targets begin in the rest
             positions = torch.arange(start - 1, start - 1 + len(s.targets))
             logp = torch.log_softmax(F.linear(final[i, positions], weight, bias).float(), -1)
             nll_seq = -logp[torch.arange(len(s.targets)), torch.tensor(s.targets)].mean()
             nll = nll.index_add(0, torch.tensor([local[s.owner]], device=device), nll_seq.view(1))
         nll = nll / template_count
-        kl_logp = torch.log_softmax(F.linear(final[kl_rows, lookup[kl_rows]], weight, bias).float(), -1)
+        kl_logp = torch.log_softmax(F.linear(final[kl_rows, 0], weight, bias).float(), -1)
         if kl_init is None:
             kl_init = kl_logp.detach()
         kl = (kl_logp.exp() * (kl_logp - kl_init[kl_owner])).sum(-1)

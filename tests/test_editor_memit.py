@@ -472,3 +472,30 @@ def test_default_z_batch_is_bounded_by_free_memory(zoo, lm, monkeypatch):
 def test_a_negative_z_batch_is_refused(zoo, lm):
     with pytest.raises(BadInput, match="z_batch"):
         _z(zoo.load(lm.ref), FACTS, z_batch=-1)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_rests_over_the_prefix_cache_equal_the_whole_sequences(tmp_path, arch):
+    """z's steps run only the tokens from each subject's last one on, over the prefixes' cached keys and
+    values: every hidden state there must be the whole sequence's, whatever the other rows' prefix lengths
+    (a subject at position 0 has no prefix at all; a shifted position or a visible pad would differ)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from modelzoo.editors.memit import _rewrite_sequences, _SplitBatch
+    from modelzoo.editors.lm_requests import pad_batch
+
+    directory = _save_tiny_lm(tmp_path / arch, arch)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(directory).eval(), AutoTokenizer.from_pretrained(directory)
+    one_token = {"prompt": "{} is a", "subject": "a", "target_new": "square"}
+    requests = [request_from_json(f) for f in [*MORE_FACTS, one_token]]
+    seqs = _rewrite_sequences(tokenizer, requests, ["{}", "Some longer text before it all. {}"], range(len(requests)))
+    assert min(s.tokens.subject_last for s in seqs) == 0 < max(s.tokens.subject_last for s in seqs)
+    split = _SplitBatch(model, seqs, 0, torch.device("cpu"))
+    rows = [i for i in range(len(seqs)) if i % 3]  # a subset, as when requests have stopped
+    with torch.no_grad():
+        rests = split.final_hidden(model, rows)
+        ids, mask = pad_batch([seqs[r].ids for r in rows], 0)
+        whole = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    for i, r in enumerate(rows):
+        start, length = seqs[r].tokens.subject_last, len(seqs[r].ids)
+        torch.testing.assert_close(rests[i, : length - start], whole[i, start:length], atol=1e-5, rtol=1e-4)
