@@ -1,19 +1,25 @@
-"""Search latency, recall and build cost at 10^3 ... 10^6 models, against a Modelverse-style Python loop.
+"""Search latency, recall and build cost at 10^3 ... 10^6 models, mixtures against single Gaussians and a
+Modelverse-style Python loop.
 
-Synthetic models stand in for indexed versions: d = 512 unit-normalised means drawn around 2,000
-"concept" directions (real model zoos are clustered: many fine-tunes of a few bases), each with a rank-r
-covariance factor and a diagonal of the size CLIP features show. Queries are unit vectors near random
-concepts. The encoder is excluded: timings start from the query feature.
+Synthetic models stand in for indexed versions: d = 512 unit-normalised component means drawn around
+2,000 "concept" directions (real model zoos are clustered: many fine-tunes of a few bases), each with a
+rank-r covariance factor and a diagonal of the size CLIP features show. A single-Gaussian model has one
+component; a mixture model has K components, K uniform in 1..`--components` (8: as many as a model
+indexed with 8 prompts), each around its own concept (a broad model's samples span several), with
+Dirichlet(1) weights. Queries are unit vectors near random concepts. The encoder is excluded: timings
+start from the query feature.
 
-- latency: `rank_candidates` (FAISS candidates + exact rerank from the memory-mapped moments), text
-  (moment-generating score) and image (Gaussian log-density) queries, p50/p95 over `--queries` queries,
-  cold (first pass: the candidates' moments come from disk) and warm (second pass: from the page cache);
+- latency: `rank_candidates` (FAISS candidates over component means + exact rerank of the candidates'
+  mixtures from the memory-mapped moments), text (moment-generating score) and image (log-density)
+  queries, p50/p95 over `--queries` queries, cold (first pass: the candidates' moments come from disk) and
+  warm (second pass: from the page cache);
 - recall@10: the approximate top 10 against exact scoring of every model with the same score;
-- baseline: the released Modelverse code's approach, a Python loop scoring every model in turn;
+- baseline: the released Modelverse code's approach, a Python loop scoring every model in turn
+  (single Gaussians only);
 - build: seconds to write the index (arrays + FAISS), bytes on disk, peak RSS of this process.
 
-    python benchmarks/search.py                    # 10^3, 10^4, 10^5, 10^6
-    python benchmarks/search.py --sizes 1000 10000 --queries 50
+    python benchmarks/search.py                    # 10^3 ... 10^6, single Gaussian and mixture
+    python benchmarks/search.py --sizes 100000 --queries 50 --summaries mixture
 """
 
 from __future__ import annotations
@@ -32,29 +38,40 @@ import torch
 
 from modelzoo.search.engine import DEFAULT_CANDIDATES, QueryPart, rank_candidates
 from modelzoo.search.index import Fingerprint, MomentIndex, write_index
-from modelzoo.search.moments import MomentBatch, density_scores, text_scores
+from modelzoo.search.moments import MixtureBatch, mixture_density_scores, mixture_text_scores
 
 DIM = 512
 CONCEPTS = 2000
 TAU = 100.0
-CHUNK = 5_000
+CHUNK = 100_000
+"""Components generated or scored per step (bounded temporaries at 10^6 models)."""
 
 
-def synthetic_models(n: int, rank: int, directory: Path, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Means (in RAM), factors and diagonals (memory-mapped float16/float32 files), generated in chunks."""
+def synthetic_models(
+    n: int, rank: int, max_components: int, directory: Path, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """starts (n + 1), log weights (N), and memory-mapped component means, factors and diagonals."""
     rng = np.random.default_rng(seed)
     concepts = rng.normal(size=(CONCEPTS, DIM)).astype(np.float32)
     concepts /= np.linalg.norm(concepts, axis=1, keepdims=True)
-    means = np.empty((n, DIM), np.float32)
-    factors = np.lib.format.open_memmap(directory / "f.npy", "w+", np.float16, (n, DIM, rank))
-    diags = np.lib.format.open_memmap(directory / "d.npy", "w+", np.float32, (n, DIM))
-    for start in range(0, n, CHUNK):
-        m = min(CHUNK, n - start)
+    K = rng.integers(1, max_components + 1, n)
+    starts = np.concatenate([[0], np.cumsum(K)])
+    N = int(starts[-1])
+    log_weights = np.empty(N)
+    for k in range(1, max_components + 1):
+        chosen = np.flatnonzero(k == K)
+        w = rng.dirichlet(np.ones(k), len(chosen))
+        log_weights[(starts[chosen][:, None] + np.arange(k)).ravel()] = np.log(w).ravel()
+    means = np.lib.format.open_memmap(directory / "m.npy", "w+", np.float32, (N, DIM))
+    factors = np.lib.format.open_memmap(directory / "f.npy", "w+", np.float16, (N, DIM, rank))
+    diags = np.lib.format.open_memmap(directory / "d.npy", "w+", np.float32, (N, DIM))
+    for start in range(0, N, CHUNK):
+        m = min(CHUNK, N - start)
         x = concepts[rng.integers(0, CONCEPTS, m)] + rng.normal(0, 0.6 / np.sqrt(DIM), (m, DIM)).astype(np.float32)
         means[start : start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
         factors[start : start + m] = (rng.standard_normal((m, DIM, rank), np.float32) * (0.15 / np.sqrt(DIM)))
         diags[start : start + m] = rng.uniform(0.2, 1.0, (m, DIM)).astype(np.float32) * (0.05 / DIM)
-    return means, factors, diags
+    return starts, log_weights, means, factors, diags
 
 
 def queries(n: int, seed: int) -> np.ndarray:
@@ -65,19 +82,24 @@ def queries(n: int, seed: int) -> np.ndarray:
     return q / np.linalg.norm(q, axis=1, keepdims=True)
 
 
-def exact_top(index: MomentIndex, q: np.ndarray, kind: str, k: int = 10) -> np.ndarray:
-    scores = np.concatenate([
-        _score(kind, index.moments(np.arange(s, min(s + CHUNK, len(index)))), q) for s in range(0, len(index), CHUNK)
-    ])
-    return np.argsort(-scores, kind="stable")[:k]
+def exact_top(index: MomentIndex, qs: np.ndarray, kind: str, k: int = 10) -> list[np.ndarray]:
+    """The exact top k positions for each query, every model scored, in one pass over the moments."""
+    scores = np.empty((len(qs), len(index)))
+    step = max(1, int(CHUNK / (len(index.means) / len(index))))
+    for s in range(0, len(index), step):
+        batch = index.moments(np.arange(s, min(s + step, len(index))))
+        for i, q in enumerate(qs):
+            scores[i, s : s + len(batch)] = _score(kind, batch, q)
+    return [np.argsort(-row, kind="stable")[:k] for row in scores]
 
 
-def _score(kind: str, batch: MomentBatch, q: np.ndarray) -> np.ndarray:
-    return text_scores(batch, q, TAU) if kind == "text" else density_scores(batch, q)
+def _score(kind: str, batch: MixtureBatch, q: np.ndarray) -> np.ndarray:
+    return mixture_text_scores(batch, q, TAU) if kind == "text" else mixture_density_scores(batch, q)
 
 
 def modelverse_loop(index: MomentIndex, q: np.ndarray) -> int:
-    """Score every model in a Python loop, one model's moments at a time, as the released code does."""
+    """Score every single-Gaussian model in a Python loop, one model's moments at a time, as the released
+    code does."""
     best, best_score = -1, -np.inf
     for i in range(len(index)):
         mu, factor, diag = index.means[i], index.factors[i].astype(np.float32), index.diags[i]
@@ -92,40 +114,45 @@ def percentile_ms(times: list[float], p: float) -> float:
     return round(float(np.percentile(times, p)) * 1000, 3)
 
 
-def run(n: int, rank: int, n_queries: int, loop_queries: int, work: Path) -> dict[str, object]:
-    directory = work / f"n{n}"
+def run(n: int, rank: int, max_components: int, n_queries: int, loop_queries: int, work: Path) -> dict[str, object]:
+    directory = work / f"n{n}-k{max_components}"
     directory.mkdir()
-    means, factors, diags = synthetic_models(n, rank, directory)
+    starts, log_weights, means, factors, diags = synthetic_models(n, rank, max_components, directory)
     started = time.perf_counter()
-    index = write_index(directory / "index", "bench", Fingerprint(n, n, n), np.arange(1, n + 1), means, factors, diags)
+    index = write_index(directory / "index", "bench", "images", Fingerprint(n, n, n), np.arange(1, n + 1), starts,
+                        log_weights, means, factors, diags)
     build_s = time.perf_counter() - started
-    del means
-    (directory / "f.npy").unlink()
-    (directory / "d.npy").unlink()
+    del means, factors, diags
+    for name in ("m.npy", "f.npy", "d.npy"):
+        (directory / name).unlink()
     disk = sum(p.stat().st_size for p in (directory / "index").iterdir())
     result: dict[str, object] = {
-        "models": n, "rank": rank, "faiss": index.kind, "build_s": round(build_s, 2), "index_bytes": disk,
+        "models": n, "summary": "gaussian" if max_components == 1 else "mixture", "max_components": max_components,
+        "components": len(index.means), "rank": rank, "faiss": index.kind, "build_s": round(build_s, 2),
+        "index_bytes": disk,
     }
     qs = queries(n_queries, 0)
-    recall_queries = min(n_queries, 20 if n <= 100_000 else 5)  # exact scoring of 10^6 models takes seconds
+    recall_queries = min(n_queries, 20 if n <= 100_000 else 10)
     for kind in ("text", "image"):
-        cold, warm, recalls = [], [], []
+        cold: list[float] = []
+        warm: list[float] = []
         for times in (cold, warm):  # first pass: candidates' moments read from disk; second: page cache
             for q in qs:
                 t0 = time.perf_counter()
                 ranking = rank_candidates(index, [QueryPart("q", q, kind)], DEFAULT_CANDIDATES, TAU)
-                top = ranking.positions[ranking.order[:10]]
+                ranking.positions[ranking.order[:10]]
                 times.append(time.perf_counter() - t0)
-        for q in qs[:recall_queries]:
+        recalls = []
+        for q, exact in zip(qs[:recall_queries], exact_top(index, qs[:recall_queries], kind), strict=True):
             ranking = rank_candidates(index, [QueryPart("q", q, kind)], DEFAULT_CANDIDATES, TAU)
             top = ranking.positions[ranking.order[:10]]
-            recalls.append(len(set(top.tolist()) & set(exact_top(index, q, kind).tolist())) / 10)
+            recalls.append(len(set(top.tolist()) & set(exact.tolist())) / 10)
         result[kind] = {
             "p50_ms": percentile_ms(warm, 50), "p95_ms": percentile_ms(warm, 95),
             "cold_p50_ms": percentile_ms(cold, 50), "cold_p95_ms": percentile_ms(cold, 95),
-            "recall_at_10": round(float(np.mean(recalls)), 4),
+            "recall_at_10": round(float(np.mean(recalls)), 4), "recall_queries": recall_queries,
         }
-    if loop_queries:
+    if loop_queries and max_components == 1:
         t0 = time.perf_counter()
         for q in qs[:loop_queries]:
             modelverse_loop(index, q)
@@ -133,6 +160,7 @@ def run(n: int, rank: int, n_queries: int, loop_queries: int, work: Path) -> dic
         result["modelverse_loop_ms"] = round(loop_ms, 1)
         result["speedup_vs_loop"] = round(loop_ms / result["text"]["p50_ms"], 1)  # type: ignore[index]
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    shutil.rmtree(directory, ignore_errors=True)
     return result
 
 
@@ -140,6 +168,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000, 1_000_000])
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--components", type=int, default=8, help="most components of a mixture model")
+    parser.add_argument("--summaries", nargs="+", choices=("gaussian", "mixture"), default=["gaussian", "mixture"])
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--loop-queries", type=int, default=3, help="queries timed for the Python loop (0: skip)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -151,8 +181,10 @@ def main() -> None:
         results = []
         for n in args.sizes:
             loops = args.loop_queries if n <= 100_000 else min(args.loop_queries, 1)
-            results.append(run(n, args.rank, args.queries, loops, work))
-            print(json.dumps(results[-1]), flush=True)
+            for summary in args.summaries:
+                K = 1 if summary == "gaussian" else args.components
+                results.append(run(n, args.rank, K, args.queries, loops, work))
+                print(json.dumps(results[-1]), flush=True)
         print(json.dumps({"benchmark": "search", "dim": DIM, "threads": args.threads, "results": results}, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -7,8 +7,10 @@ moments memory-mapped.
         starts.npy     (n + 1,) int64: the components of rows[i] are starts[i] .. starts[i + 1] - 1
         weights.npy    (N,) float64   log mixture weights of the N components
         means.npy      (N, d) float32 component means (FAISS holds them unit-normalised; FAISS id = component)
-        factors.npy    (N, d, r) float16  covariance factors, read only for the candidates
+        factors.npy    (N, d, r) float32  covariance factors, read only for the candidates (float32, not the
+                       database's float16: widening float16 costs more per query than reading twice the bytes)
         diags.npy      (N, d) float32
+        chols.npy      (N, r, r) float32  Cholesky factors for the log-density (moments.woodbury)
         index.faiss
 
 Images and texts have separate indexes: CLIP's image and text features lie in different regions (the
@@ -36,8 +38,9 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 
-from modelzoo.search.moments import MixtureBatch
+from modelzoo.search.moments import MixtureBatch, woodbury
 
 FLAT_LIMIT = 50_000
 DEFAULT_NPROBE = 24
@@ -63,6 +66,7 @@ class MomentIndex:
     means: np.ndarray
     factors: np.ndarray
     diags: np.ndarray
+    chols: np.ndarray
     faiss_index: faiss.Index
     fingerprint: Fingerprint
     kind: str
@@ -86,12 +90,10 @@ class MomentIndex:
         return first + np.arange(int(counts.sum()))
 
     def candidates(self, vectors: np.ndarray, k: int, allowed: np.ndarray | None = None) -> np.ndarray:
-        """Row positions of the versions owning the `k` x (mean components per version) best component
-        means by inner product for each query vector, restricted to the positions in `allowed` when given."""
+        """Row positions of the versions owning the `k` best component means by inner product for each
+        query vector (at most k versions each), restricted to the positions in `allowed` when given."""
         if len(self) == 0 or k < 1:
             return np.zeros(0, np.int64)
-        per_version = len(self.means) / len(self)
-        k = math.ceil(k * per_version)
         params = None
         if allowed is not None:
             if len(allowed) == 0:
@@ -122,7 +124,7 @@ class MomentIndex:
         comps = self.components_of(positions)
         owner = np.repeat(np.arange(len(positions)), self.starts[positions + 1] - self.starts[positions])
         return MixtureBatch.from_arrays(self.means[comps], self.factors[comps], self.diags[comps],
-                                        self.log_weights[comps], owner, len(positions))
+                                        self.log_weights[comps], owner, len(positions), self.chols[comps])
 
     def positions_of(self, embedding_ids: np.ndarray) -> np.ndarray:
         """Row positions of those of `embedding_ids` that the index holds."""
@@ -138,6 +140,23 @@ def _write_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, array)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _write_factors(directory: Path, factors: np.ndarray, diags: np.ndarray) -> None:
+    """factors.npy in float32 and chols.npy, in chunks: `factors` may be a large memory-mapped array."""
+    n, d, r = factors.shape
+    out = np.lib.format.open_memmap(directory / "factors.npy", "w+", np.float32, (n, d, r))
+    chols = np.lib.format.open_memmap(directory / "chols.npy", "w+", np.float32, (n, r, r))
+    for start in range(0, n, 16_384):
+        part = np.asarray(factors[start : start + 16_384], dtype=np.float32)
+        out[start : start + len(part)] = part
+        diag = torch.from_numpy(np.asarray(diags[start : start + len(part)], dtype=np.float32))
+        chols[start : start + len(part)] = woodbury(torch.from_numpy(part), diag).float().numpy()
+    for array, name in ((out, "factors.npy"), (chols, "chols.npy")):
+        array.flush()
+        with open(directory / name, "rb+") as f:
+            os.fsync(f.fileno())
+    del out, chols
 
 
 def build_faiss(means: np.ndarray) -> tuple[faiss.Index, str]:
@@ -181,7 +200,7 @@ def write_index(
         _write_npy(staging / "starts.npy", np.asarray(starts, dtype=np.int64))
         _write_npy(staging / "weights.npy", np.asarray(log_weights, dtype=np.float64))
         _write_npy(staging / "means.npy", means)
-        _write_npy(staging / "factors.npy", np.asarray(factors, dtype=np.float16))
+        _write_factors(staging, factors, diags)
         _write_npy(staging / "diags.npy", np.asarray(diags, dtype=np.float32))
         faiss.write_index(index, str(staging / "index.faiss"))
         meta = {
@@ -204,7 +223,8 @@ def write_index(
 
 
 INDEX_FILES = (
-    "meta.json", "rows.npy", "starts.npy", "weights.npy", "means.npy", "factors.npy", "diags.npy", "index.faiss",
+    "meta.json", "rows.npy", "starts.npy", "weights.npy", "means.npy", "factors.npy", "diags.npy", "chols.npy",
+    "index.faiss",
 )
 _opened: dict[Path, tuple[tuple[tuple[int, int, int], ...], MomentIndex]] = {}
 """Indexes already read by this process, with the state of their files when read: a long-lived process
@@ -249,6 +269,7 @@ def _read_index(directory: Path, encoder_hash: str, modality: str) -> MomentInde
         means = np.load(directory / "means.npy", mmap_mode="r", allow_pickle=False)
         factors = np.load(directory / "factors.npy", mmap_mode="r", allow_pickle=False)
         diags = np.load(directory / "diags.npy", mmap_mode="r", allow_pickle=False)
+        chols = np.load(directory / "chols.npy", mmap_mode="r", allow_pickle=False)
         index = faiss.read_index(str(directory / "index.faiss"))
     except (OSError, ValueError, RuntimeError, json.JSONDecodeError):
         return None
@@ -256,11 +277,12 @@ def _read_index(directory: Path, encoder_hash: str, modality: str) -> MomentInde
     consistent = (
         means.ndim == 2 and factors.ndim == 3 and diags.shape == means.shape and starts.shape == (n + 1,)
         and log_weights.shape == (N,) and len(factors) == N and factors.shape[1] == means.shape[1]
+        and chols.shape == (N, factors.shape[2], factors.shape[2])
         and index.ntotal == N and meta.get("count") == n and n > 0 and starts[0] == 0 and starts[-1] == N
         and bool(np.all(np.diff(starts) > 0))
     )
     if not consistent:
         return None
     fingerprint = Fingerprint(*meta["fingerprint"])
-    return MomentIndex(directory, encoder_hash, modality, rows, starts, log_weights, means, factors, diags, index,
-                       fingerprint, meta["kind"])
+    return MomentIndex(directory, encoder_hash, modality, rows, starts, log_weights, means, factors, diags, chols,
+                       index, fingerprint, meta["kind"])

@@ -17,12 +17,14 @@ from modelzoo.search.moments import (
     frechet_bounds,
     frechet_distance,
     grouped_mixture,
+    log_densities,
     matched_frechet,
     mixture_density_scores,
     mixture_of,
     mixture_text_scores,
     moments_of,
     text_scores,
+    woodbury,
 )
 
 
@@ -167,3 +169,12 @@ def test_frechet_bound_is_above_the_exact_distance_and_zero_on_itself() -> None:
     distances = matched_frechet(mixes[0], MixtureBatch.of(mixes))
     assert distances[0] == pytest.approx(0.0, abs=1e-5)
     np.testing.assert_allclose(distances[1:], bounds[0, 1:], rtol=1e-6)
+
+
+def test_precomputed_cholesky_factors_give_the_same_density() -> None:
+    rng = np.random.default_rng(10)
+    models = [moments_of(_features(rng, spread=s), rank=5) for s in (0.2, 0.5, 0.9)]
+    batch = MomentBatch.of(models)
+    cached = MomentBatch(batch.mean, batch.factor, batch.diag, woodbury(batch.factor, batch.diag).float())
+    q = _features(rng, n=2)
+    np.testing.assert_allclose(log_densities(cached, q), log_densities(batch, q), rtol=1e-5)
