@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from modelzoo.analyses.base import AnalysisProgress, run_analysis
+from modelzoo.editors.ablate import Knockout, knock_out
 from modelzoo.editors.apply import apply_edit
 from modelzoo.editors.base import EditProgress
 from modelzoo.editors.compose import compose as compose_versions
@@ -170,6 +171,10 @@ class Zoo:
     def apply_function_vector(self, ref: str, bake: FvBake, name: str | None = None) -> VersionInfo:
         """Register a child of `ref` whose weights add a stored function vector (`zoo edit fv`)."""
         return bake_function_vector(self.registry, ref, bake, name)
+
+    def knock_out(self, ref: str, request: Knockout, name: str | None = None) -> VersionInfo:
+        """Register a child of `ref` with a stored circuit knocked out (`zoo edit ablate`)."""
+        return knock_out(self.registry, ref, request, name)
 
     def _index_like_parent(self, parent: str, child: VersionInfo, device: str) -> None:
         """An edit of an indexed version is indexed the same way, so search sees it at once. The edit is

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 import modelzoo
-from modelzoo.cli import analyze, analyze_board, compose, demo, evaluate, sample, search, serve
+from modelzoo.cli import analyze, analyze_board, analyze_circuit, compose, demo, evaluate, sample, search, serve
 from modelzoo.cli.edit import edit_app
 from modelzoo.cli.output import byte_progress, console, emit, errors, human_bytes, route_library_output, table
 from modelzoo.registry.errors import BadInput, NotFound, ZooError
@@ -322,6 +322,7 @@ search.register(app)
 serve.register(app)
 analyze.register(app)
 analyze_board.register(analyze.analyze_app)
+analyze_circuit.register(analyze.analyze_app)
 
 
 def run(argv: list[str] | None = None) -> Any:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from modelzoo.editors.lm_bias import zero_biases
 from modelzoo.registry.analyses import analysis_tensors, get_analysis
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.records import VersionInfo
@@ -41,11 +42,7 @@ def _bias_changes(tensors: dict[str, torch.Tensor], config: dict[str, object], l
                        "mlp.down_proj) to carry the vector")
     if config.get("mlp_bias"):
         return {f"{down}.bias": tensors[f"{down}.bias"] + v.to(tensors[f"{down}.bias"].dtype)}, False
-    changed = {}
-    for name, weight in tensors.items():
-        if name.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")):
-            bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
-            changed[name.removesuffix("weight") + "bias"] = bias
+    changed = zero_biases(tensors, "mlp_bias")
     changed[f"{down}.bias"] = v.to(changed[f"{down}.bias"].dtype)
     return changed, True
 
