@@ -8,6 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
+from modelzoo.analyses.circuit import CircuitRequest, desiderata_names, desiderata_path, read_desiderata
+from modelzoo.analyses.circuit_plot import sweep_plot
 from modelzoo.cli.analyze import Device, JsonFlag, _stages, _zoo, summary
 from modelzoo.cli.output import console, emit, table
 from modelzoo.registry.errors import BadInput
@@ -36,8 +38,6 @@ def _render(r: dict[str, Any]) -> None:
 
 
 def register(analyze_app: typer.Typer) -> None:
-    from modelzoo.analyses.circuit import desiderata_names
-
     @analyze_app.command("circuit")
     def circuit(
         ref: str,
@@ -57,9 +57,6 @@ def register(analyze_app: typer.Typer) -> None:
         as_json: JsonFlag = False,
     ) -> None:
         """Components a task needs: masks trained so patching from counterfactual prompts meets the desiderata."""
-        from modelzoo.analyses.circuit import CircuitRequest, desiderata_path, read_desiderata
-        from modelzoo.analyses.circuit_plot import sweep_plot
-
         request = CircuitRequest(desiderata=read_desiderata(desiderata_path(desiderata)), source=desiderata,
                                  lam=lam, sweep=_floats(sweep, "--sweep"), steps=steps, lr=lr, holdout=holdout,
                                  random_sets=random_sets, seed=seed)
