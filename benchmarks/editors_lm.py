@@ -251,6 +251,9 @@ class _WholeSequences:
     def __init__(self, lm: torch.nn.Module, seqs: list[Any], pad: int, device: torch.device) -> None:
         self.seqs, self.pad, self.device = seqs, pad, device
 
+    def subject_positions(self, rows: list[int]) -> torch.Tensor:
+        return torch.tensor([self.seqs[r].tokens.subject_last for r in rows])
+
     def final_hidden(self, lm: torch.nn.Module, rows: list[int]) -> torch.Tensor:
         ids, mask = pad_batch([self.seqs[r].ids for r in rows], self.pad)
         whole = lm.base_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state

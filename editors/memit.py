@@ -35,7 +35,8 @@ import hashlib
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -43,7 +44,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
+from transformers.pytorch_utils import Conv1D
 
 from modelzoo.editors.base import EditContext, EditProgress, EditResult, changed_tensors
 from modelzoo.editors.lm_layout import LmLayout, layout_of
@@ -273,6 +276,10 @@ class _SplitBatch:
             self.layers = [(layer.keys, layer.values) for layer in out.cache.layers]
         self.prefix_mask = (torch.arange(width)[None, :] < self.lengths[:, None]).long()
 
+    def subject_positions(self, rows: Sequence[int]) -> torch.Tensor:
+        """Where each row's subject's last token sits in what `final_hidden` runs: the rest's first."""
+        return torch.zeros(len(rows), dtype=torch.long)
+
     def final_hidden(self, lm: nn.Module, rows: Sequence[int]) -> torch.Tensor:
         """The backbone's last hidden states (after the final norm) over the rests of `rows`; logits are
         then taken only where needed. Position j of a row is its token subject_last + j."""
@@ -292,10 +299,44 @@ class _SplitBatch:
 # --- z: target vectors -----------------------------------------------------------------------------------
 
 
-def _autocast(device: torch.device, precision: str) -> Any:
+@contextmanager
+def _autocast(device: torch.device, precision: str) -> Iterator[None]:
+    """z's forward passes in `precision` (autocast). Under autocast on a CPU attention runs as plain
+    matmuls: at z's sizes (a few query tokens per sequence) the fused kernel's bfloat16 backward measured 4x
+    slower than them, and their rounding is the autocast's own. Without autocast the fused kernel stays:
+    in a bfloat16 model its float32 accumulation is what keeps z close to the float32 model's."""
     if precision not in ("float32", "bfloat16", "float16"):
         raise BadInput(f"z_precision is float32, bfloat16 or float16, not {precision!r}")
-    return torch.autocast(device.type, dtype=getattr(torch, precision), enabled=precision != "float32")
+    with ExitStack() as stack:
+        stack.enter_context(torch.autocast(device.type, dtype=getattr(torch, precision),
+                                           enabled=precision != "float32"))
+        if device.type == "cpu" and precision != "float32":
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        yield
+
+
+@contextmanager
+def _linears_cast(lm: nn.Module, precision: str) -> Iterator[None]:
+    """The blocks' linear weights held in the autocast dtype for the duration: autocast casts a float32
+    weight again at every call, to the same values (on SmolLM2 on a CPU that was 40% of a z step).
+    The output head is left alone (its weight may be tied to the input embedding, which autocast does
+    not cast); the float32 tensors are put back afterwards."""
+    kept: list[tuple[nn.Parameter, torch.Tensor]] = []
+    dtype = getattr(torch, precision)
+    if precision != "float32":
+        head = lm.get_output_embeddings()
+        for module in lm.modules():
+            if module is head or not isinstance(module, nn.Linear | Conv1D):
+                continue
+            for param in (module.weight, module.bias):
+                if param is not None and param.dtype != dtype:
+                    kept.append((param, param.data))
+                    param.data = param.data.to(dtype)
+    try:
+        yield
+    finally:
+        for param, data in kept:
+            param.data = data
 
 
 class _AddDelta:
@@ -359,11 +400,34 @@ def compute_z(lm: nn.Module, tokenizer: Any, layout: LmLayout, hp: MemitHparams,
     seqs = _rewrite_sequences(tokenizer, requests, templates, range(n))
     rest_tokens = sum(len(s.ids) - s.tokens.subject_last for s in seqs)
     size = z_batch_size(hp, layout, n, max(1, rest_tokens // n), device)
-    for chunk_start in range(0, n, size):
-        owners = list(range(chunk_start, min(n, chunk_start + size)))
-        chunk = [s for s in seqs if chunk_start <= s.owner <= owners[-1]]
-        D[owners] = _optimise_z(lm, tokenizer, layout, hp, chunk, owners, len(templates), steps, losses, progress)
+    with _linears_cast(lm, hp.z_precision):
+        for chunk_start in range(0, n, size):
+            owners = list(range(chunk_start, min(n, chunk_start + size)))
+            chunk = [s for s in seqs if chunk_start <= s.owner <= owners[-1]]
+            D[owners] = _optimise_z(lm, tokenizer, layout, hp, chunk, owners, len(templates), steps, losses,
+                                    progress)
     return ZResult(D, steps, losses, time.perf_counter() - started, size)
+
+
+class _HeadReads:
+    """Where the loss reads the LM head, in one call per step: every target token of every rewrite
+    sequence (at the position before it), then each KL sequence's subject. One call, because the head's
+    weight (vocabulary x hidden) is read from memory once per call, which costs more than the rows."""
+
+    def __init__(self, batch: Sequence[_Sequence], owners: Sequence[int], device: torch.device) -> None:
+        reads: list[tuple[int, int, int, float, int]] = []  # (row, position, token, weight, owner)
+        for i, s in enumerate(batch):
+            if s.kind == "rewrite":
+                start = len(s.tokens.ids) - s.tokens.subject_last  # where the targets begin in the rest
+                # weights 1/len: each sequence's loss is its targets' mean NLL
+                reads += [(i, start - 1 + j, t, 1 / len(s.targets), owners[i]) for j, t in enumerate(s.targets)]
+        self.targets = len(reads)
+        reads += [(i, 0, 0, 0.0, owners[i]) for i, s in enumerate(batch) if s.kind == "kl"]
+        rows, positions, tokens, weights, who = zip(*reads, strict=True)
+        self.rows, self.positions = torch.tensor(rows, device=device), torch.tensor(positions, device=device)
+        self.tokens = torch.tensor(tokens[: self.targets], device=device)
+        self.weights = torch.tensor(weights[: self.targets], device=device)
+        self.owners = torch.tensor(who, device=device)
 
 
 def _optimise_z(lm: nn.Module, tokenizer: Any, layout: LmLayout, hp: MemitHparams, seqs: Sequence[_Sequence],
@@ -379,13 +443,15 @@ def _optimise_z(lm: nn.Module, tokenizer: Any, layout: LmLayout, hp: MemitHparam
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
     h_init: torch.Tensor | None = None
     kl_init: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
     active = list(range(len(owners)))
     with _autocast(device, hp.z_precision):
         split = _SplitBatch(lm, seqs, pad_id(tokenizer), device)
     for it in range(hp.v_steps):
         rows = [i for i, s in enumerate(seqs) if local[s.owner] in active]
         batch = [seqs[i] for i in rows]
-        hook = _AddDelta(delta, torch.arange(len(batch)), torch.zeros(len(batch), dtype=torch.long),
+        hook = _AddDelta(delta, torch.arange(len(batch)), split.subject_positions(rows),
                          torch.tensor([local[s.owner] for s in batch]))
         with trace(lm, layer, retain_output=False, edit_output=hook), _autocast(device, hp.z_precision):
             final = split.final_hidden(lm, rows)
@@ -393,27 +459,19 @@ def _optimise_z(lm: nn.Module, tokenizer: Any, layout: LmLayout, hp: MemitHparam
             bare = [next(i for i, s in enumerate(batch) if s.owner == o) for o in owners]
             assert hook.h is not None
             h_init = hook.h[bare].to(device)
-        # The head's weight cast once per step: autocast would cast it again for every sequence.
-        weight = head.weight.to(final.dtype)
-        bias = None if head.bias is None else head.bias.to(final.dtype)
-        nll = torch.zeros(len(owners), device=device)
-        kl_rows, kl_owner = [], []
-        for i, s in enumerate(batch):
-            if s.kind == "kl":
-                kl_rows.append(i)
-                kl_owner.append(local[s.owner])
-                continue
-            start = len(s.tokens.ids) - s.tokens.subject_last  # where the targets begin in the rest
-            positions = torch.arange(start - 1, start - 1 + len(s.targets))
-            logp = torch.log_softmax(F.linear(final[i, positions], weight, bias).float(), -1)
-            nll_seq = -logp[torch.arange(len(s.targets)), torch.tensor(s.targets)].mean()
-            nll = nll.index_add(0, torch.tensor([local[s.owner]], device=device), nll_seq.view(1))
+        if weight is None:  # cast once: autocast would cast it again at every call
+            weight = head.weight.to(final.dtype)
+            bias = None if head.bias is None else head.bias.to(final.dtype)
+        reads = _HeadReads(batch, [local[s.owner] for s in batch], device)
+        logp = torch.log_softmax(F.linear(final[reads.rows, reads.positions], weight, bias).float(), -1)
+        gained = logp[torch.arange(reads.targets), reads.tokens] * reads.weights
+        nll = torch.zeros(len(owners), device=device).index_add(0, reads.owners[: reads.targets], -gained)
         nll = nll / template_count
-        kl_logp = torch.log_softmax(F.linear(final[kl_rows, 0], weight, bias).float(), -1)
+        kl_logp, kl_owner = logp[reads.targets:], reads.owners[reads.targets:]
         if kl_init is None:
             kl_init = kl_logp.detach()
         kl = (kl_logp.exp() * (kl_logp - kl_init[kl_owner])).sum(-1)
-        kl_full = torch.zeros(len(owners), device=device).index_add(0, torch.tensor(kl_owner, device=device), kl)
+        kl_full = torch.zeros(len(owners), device=device).index_add(0, kl_owner, kl)
         wd = delta.norm(dim=1) / h_init.norm(dim=1) ** 2
         per = nll + hp.kl_factor * kl_full + hp.v_weight_decay * wd
         for a in active:

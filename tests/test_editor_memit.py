@@ -499,3 +499,17 @@ def test_rests_over_the_prefix_cache_equal_the_whole_sequences(tmp_path, arch):
     for i, r in enumerate(rows):
         start, length = seqs[r].tokens.subject_last, len(seqs[r].ids)
         torch.testing.assert_close(rests[i, : length - start], whole[i, start:length], atol=1e-5, rtol=1e-4)
+
+
+def test_z_in_bfloat16_leaves_the_model_as_it_found_it(zoo, lm):
+    """z holds the blocks' linear weights in bfloat16 while it runs (autocast would cast them at every
+    call); they must come back as they were, tied head and embedding included."""
+    model = zoo.load(lm.ref)
+    before = {name: p.detach().clone() for name, p in model.pipeline.named_parameters()}
+    tied = model.pipeline.get_output_embeddings().weight is model.pipeline.get_input_embeddings().weight
+    _z(model, FACTS, z_precision="bfloat16")
+    after = dict(model.pipeline.named_parameters())
+    assert after.keys() == before.keys()
+    for name, p in after.items():
+        assert p.dtype == before[name].dtype and torch.equal(p.detach(), before[name]), name
+    assert tied == (model.pipeline.get_output_embeddings().weight is model.pipeline.get_input_embeddings().weight)
