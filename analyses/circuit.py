@@ -409,7 +409,7 @@ class CircuitRequest:
     steps: int = 100
     lr: float = 1e-2
     batch: int = 32  # base prompts per cached batch
-    holdout: float = 0.3  # the last share of each desideratum's pairs, for testing only
+    holdout: float = 0.5  # the last share of each desideratum's pairs, for testing only
     random_sets: int = 5
     seed: int = 0
 

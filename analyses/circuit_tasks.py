@@ -34,7 +34,7 @@ def _lookup_text(names: list[str], values: list[int]) -> str:
     return f"{names[0]}={values[0]}, {names[1]}={values[1]}. {names[0]}="
 
 
-def lookup(pairs: int = 100, shots: int = 4, seed: int = 0) -> dict[str, Any]:
+def lookup(pairs: int = 80, shots: int = 4, seed: int = 0) -> dict[str, Any]:
     rng = random.Random(seed)
     value, distractor = [], []
     for _ in range(pairs):
@@ -67,7 +67,7 @@ def _arithmetic_text(x: int, y: int, op: str) -> str:
     return f"x={x}, y={y}. x{op}y="
 
 
-def arithmetic(pairs: int = 100, shots: int = 2, seed: int = 0) -> dict[str, Any]:
+def arithmetic(pairs: int = 80, shots: int = 2, seed: int = 0) -> dict[str, Any]:
     rng = random.Random(seed)
     value, operation = [], []
     for _ in range(pairs):

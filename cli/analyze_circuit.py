@@ -49,7 +49,7 @@ def register(analyze_app: typer.Typer) -> None:
         steps: Annotated[int, typer.Option(help="Optimisation rounds (one step per desideratum each).")] = 100,
         lr: Annotated[float, typer.Option(help="Adam learning rate of the masks.")] = 1e-2,
         holdout: Annotated[float, typer.Option(help="Share of each desideratum's pairs held out for testing.")]
-        = 0.3,
+        = 0.5,
         random_sets: Annotated[int, typer.Option(help="Random component sets ablated as the baseline.")] = 5,
         seed: int = 0,
         png: Annotated[Path | None, typer.Option("--png", help="The sweep plot (default HOME/plots).")] = None,
