@@ -453,26 +453,27 @@ class CircuitAnalyzer:
             for b in [b for _, batches in train for b in batches] + tested:
                 b.ld_orig = logit_diff(parts, b, ones)
 
-        def fit(lam: float) -> tuple[Trained, list[Component], float]:
-            trained = train_mask(parts, train, lam, request.steps, request.lr, progress, f"masks, lambda {lam:g}")
-            keep = (trained.mask >= 0.5).float()
-            circuit = [c for c, k in zip(names, keep, strict=True) if k == 0]
-            return trained, circuit, desiderata_accuracy(parts, tested, keep)
-
-        trained, circuit, accuracy = fit(request.lam)
-        sweep = [{"lambda": request.lam, "components": len(circuit), "desiderata_accuracy": accuracy}]
-        for lam in sorted(set(request.sweep) - {request.lam}):
-            _, found, acc = fit(lam)
-            sweep.append({"lambda": lam, "components": len(found), "desiderata_accuracy": acc})
-        sweep.sort(key=lambda row: row["lambda"])
-
-        report(progress, "ablating", 0, 1)
         bases = {p.base: p.answer for _, tr, _ in split for p in tr}
         means = mean_activations(parts, [parts.ids(b) for b in bases])
         held = {p.base: p.answer for _, _, te in split for p in te}
         prompts = [(parts.ids(b), token_of(parts, a, "answer")) for b, a in held.items()]
+
+        def fit(lam: float) -> tuple[Trained, list[Component], dict[str, Any]]:
+            trained = train_mask(parts, train, lam, request.steps, request.lr, progress, f"masks, lambda {lam:g}")
+            keep = (trained.mask >= 0.5).float()
+            found = [c for c, k in zip(names, keep, strict=True) if k == 0]
+            return trained, found, {"lambda": lam, "components": len(found),
+                                    "desiderata_accuracy": desiderata_accuracy(parts, tested, keep),
+                                    "ablated_accuracy": task_accuracy(parts, prompts, found, means),
+                                    "circuit": [c.name for c in found]}
+
+        trained, circuit, row = fit(request.lam)
+        sweep = [row] + [fit(lam)[2] for lam in sorted(set(request.sweep) - {request.lam})]
+        sweep.sort(key=lambda r: r["lambda"])
+
+        report(progress, "ablating", 0, 1)
         clean = task_accuracy(parts, prompts)
-        ablated = task_accuracy(parts, prompts, circuit, means)
+        ablated = row["ablated_accuracy"]
         rng = random.Random(request.seed)
         outside = [c for c in names if c not in circuit]
         random_sets = [rng.sample(outside, min(len(circuit), len(outside))) for _ in range(request.random_sets)]
@@ -485,7 +486,7 @@ class CircuitAnalyzer:
             "ablated_accuracy": ablated,
             "random_ablated_accuracy": sum(random_accuracies) / len(random_accuracies),
             "random_ablated_accuracies": random_accuracies,
-            "desiderata_accuracy": accuracy,
+            "desiderata_accuracy": row["desiderata_accuracy"],
             "desiderata_accuracy_unpatched": desiderata_accuracy(parts, tested, ones),
             "sweep": sweep,
             "tested": len(prompts),

@@ -80,8 +80,10 @@ def knockout_changes(tensors: dict[str, torch.Tensor], config: dict[str, object]
             flags[flag] = True
         return current(name)
 
-    d = head_means.shape[-1]
+    layers, heads, d = head_means.shape
     for c in knocked:
+        if not 0 <= c.layer < layers or (c.head is not None and not 0 <= c.head < heads):
+            raise BadInput(f"{c.name} is not a component of a model with {layers} layers of {heads} heads")
         attn, mlp = _projections(tensors, c.layer)
         if c.head is not None:
             W = current(attn.weight).clone()

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 from cli_helpers import snapshot, zoo_cli
+from tiny_models import tiny_gpt2
 
 import modelzoo
 from modelzoo.analyses.circuit import (
@@ -211,6 +212,35 @@ def test_mean_knockout_weights_compute_exactly_the_hooked_mean_ablation(zoo, wir
     prompts = _prompts(seed=3)
     encoded = [(parts.ids(t), int(parts.tokenizer.convert_tokens_to_ids(a))) for t, a in prompts]
     assert task_accuracy(parts, encoded, knocked, means) == _accuracy(child, prompts) <= 0.3
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+def test_knockout_weights_equal_the_hooked_ablation_for_both_layouts(arch, mode):
+    """Zero mode equals hooking zeros in; mean mode hooking the means in (GPT-2's Conv1D stores (in, out))."""
+    parent = wired_llama() if arch == "llama" else tiny_gpt2(seed=1, n_layer=2, vocab_size=len(WORDS))
+    parts = lm_parts(LoadedModel(ref="x@1", family="lm", pipeline=parent, modules={}, tokenizer=_tokenizer()))
+    g = torch.Generator().manual_seed(0)
+    head_means = torch.randn(parts.n_layers, parts.n_heads, parts.head_dim, generator=g)
+    mlp_means = torch.randn(parts.n_layers, parts.hidden, generator=g)
+    if mode == "zero":
+        head_means, mlp_means = torch.zeros_like(head_means), torch.zeros_like(mlp_means)
+    knocked = [Component(1, parts.n_heads - 1), Component(0, 0), Component(0, None)]
+    tensors = {k: v.detach().clone() for k, v in parent.state_dict().items()}
+    changed, flags = knockout_changes(tensors, parent.config.to_dict(), knocked, mode, head_means, mlp_means)
+    config = parent.config
+    for flag in flags:
+        setattr(config, flag, True)
+    child = type(parent)(config).eval()
+    child.load_state_dict({**tensors, **changed})
+    ids = torch.tensor([parts.ids("c=4, d=1. c="), parts.ids("h=0, a=9. h=")])
+    edit = ablator(parts, knocked, (head_means, mlp_means))
+    with torch.no_grad(), trace(parts.lm, [parts.attn_out(0), parts.attn_out(1)], edit_input=edit), \
+            trace(parts.lm, [f"{parts.block(0)}.mlp", f"{parts.block(1)}.mlp"], edit_output=edit):
+        hooked = parts.lm(ids).logits
+    with torch.no_grad():
+        baked = child(ids).logits
+    torch.testing.assert_close(baked, hooked, atol=1e-5, rtol=1e-5)
 
 
 def test_shipped_desiderata_are_addressable_by_name_and_match_their_generator():
