@@ -129,7 +129,8 @@ def fv(
 
 
 def _render_list(items: list[AnalysisInfo]) -> None:
-    headline = ("faithfulness", "causality", "zero_shot", "zero_shot_p", "shuffled")
+    headline = ("faithfulness", "causality", "zero_shot", "zero_shot_p", "shuffled", "component_count",
+                "task_accuracy", "ablated_accuracy")
     table(None, ["id", "kind", "version", "created", "metrics"], [
         [a.id, a.kind, a.ref, a.created_at.isoformat(timespec="seconds"),
          ", ".join(f"{k} {a.metrics[k]}" for k in headline if k in a.metrics)] for a in items])

@@ -51,7 +51,7 @@ def register(analyze_app: typer.Typer) -> None:
         holdout: Annotated[float, typer.Option(help="Share of each desideratum's pairs held out for testing.")]
         = 0.5,
         random_sets: Annotated[int, typer.Option(help="Random component sets ablated as the baseline.")] = 5,
-        seed: int = 0,
+        seed: Annotated[int, typer.Option(help="Seed of the random sets' draw.")] = 0,
         png: Annotated[Path | None, typer.Option("--png", help="The sweep plot (default HOME/plots).")] = None,
         device: Device = "cpu",
         as_json: JsonFlag = False,
