@@ -69,6 +69,7 @@ from modelzoo.registry.tracing import trace
 KL_PROMPT = "{} is a"
 TEMPLATE_STARTS = ("The", "Therefore", "Because", "I", "You")
 EARLY_STOP = 0.05
+MERGE_PADDING = 8  # tokens: see _SplitBatch.groups
 
 
 @dataclass(frozen=True)
@@ -276,6 +277,27 @@ class _SplitBatch:
             self.layers = [(layer.keys, layer.values) for layer in out.cache.layers]
         self.prefix_mask = (torch.arange(width)[None, :] < self.lengths[:, None]).long()
 
+    def groups(self, rows: Sequence[int]) -> list[list[int]]:
+        """`rows` (as positions in it) in groups that run as one padded pass each: rests of equal length
+        together, and a group merged into the next longer one where that pads fewer than `MERGE_PADDING`
+        tokens. One pass pads every rest to the longest, and the rests differ ("{} is a" against a
+        prompt that ends in its object); a token costs more than the overhead of another pass."""
+        by_length: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            by_length.setdefault(len(self.rests[r]), []).append(i)
+        out: list[list[int]] = []
+        pending: list[int] = []
+        lengths = sorted(by_length)
+        for k, length in enumerate(lengths):
+            pending += by_length[length]
+            if k + 1 < len(lengths):
+                padding = sum(lengths[k + 1] - len(self.rests[rows[i]]) for i in pending)
+                if padding < MERGE_PADDING:
+                    continue
+            out.append(pending)
+            pending = []
+        return out
+
     def subject_positions(self, rows: Sequence[int]) -> torch.Tensor:
         """Where each row's subject's last token sits in what `final_hidden` runs: the rest's first."""
         return torch.zeros(len(rows), dtype=torch.long)
@@ -451,14 +473,22 @@ def _optimise_z(lm: nn.Module, tokenizer: Any, layout: LmLayout, hp: MemitHparam
     for it in range(hp.v_steps):
         rows = [i for i, s in enumerate(seqs) if local[s.owner] in active]
         batch = [seqs[i] for i in rows]
-        hook = _AddDelta(delta, torch.arange(len(batch)), split.subject_positions(rows),
-                         torch.tensor([local[s.owner] for s in batch]))
-        with trace(lm, layer, retain_output=False, edit_output=hook), _autocast(device, hp.z_precision):
-            final = split.final_hidden(lm, rows)
+        groups = split.groups(rows)
+        finals, h = [], []
+        for group in groups:
+            part = [rows[i] for i in group]
+            hook = _AddDelta(delta, torch.arange(len(part)), split.subject_positions(part),
+                             torch.tensor([local[seqs[r].owner] for r in part]))
+            with trace(lm, layer, retain_output=False, edit_output=hook), _autocast(device, hp.z_precision):
+                finals.append(split.final_hidden(lm, part))
+            assert hook.h is not None
+            h.append(hook.h)
+        width = max(f.shape[1] for f in finals)
+        back = torch.argsort(torch.tensor([i for group in groups for i in group]))  # to the order of `rows`
+        final = torch.cat([F.pad(f, (0, 0, 0, width - f.shape[1])) for f in finals])[back.to(device)]
         if h_init is None:  # the first step sees every request; its first sequence is the bare prompt
             bare = [next(i for i, s in enumerate(batch) if s.owner == o) for o in owners]
-            assert hook.h is not None
-            h_init = hook.h[bare].to(device)
+            h_init = torch.cat(h)[back.to(device)][bare].to(device)
         if weight is None:  # cast once: autocast would cast it again at every call
             weight = head.weight.to(final.dtype)
             bias = None if head.bias is None else head.bias.to(final.dtype)

@@ -513,3 +513,26 @@ def test_z_in_bfloat16_leaves_the_model_as_it_found_it(zoo, lm):
     for name, p in after.items():
         assert p.dtype == before[name].dtype and torch.equal(p.detach(), before[name]), name
     assert tied == (model.pipeline.get_output_embeddings().weight is model.pipeline.get_input_embeddings().weight)
+
+
+def test_z_is_the_same_whether_rests_of_different_lengths_share_a_pass_or_not(zoo, lm, monkeypatch):
+    """Grouping rests by length only saves padding: every group's deltas, hidden states at the subject and
+    losses must come back in the batch's order."""
+    from modelzoo.editors import memit
+
+    model = zoo.load(lm.ref)
+    monkeypatch.setattr(memit, "MERGE_PADDING", 10**9)
+    one_pass = _z(model, MORE_FACTS, layers=(0,))
+    monkeypatch.setattr(memit, "MERGE_PADDING", 0)
+    grouping = memit._SplitBatch.groups
+    counts: list[int] = []
+
+    def counted(self, rows):  # type: ignore[no-untyped-def]
+        groups = grouping(self, rows)
+        counts.append(len(groups))
+        return groups
+
+    monkeypatch.setattr(memit._SplitBatch, "groups", counted)
+    by_length = _z(model, MORE_FACTS, layers=(0,))
+    assert max(counts) > 1
+    _assert_same_z(by_length, one_pass)
