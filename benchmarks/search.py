@@ -19,7 +19,8 @@ start from the query feature.
 - build: seconds to write the index (arrays + FAISS), bytes on disk, peak RSS of this process.
 
     python benchmarks/search.py                    # 10^3 ... 10^6, single Gaussian and mixture
-    python benchmarks/search.py --sizes 100000 --queries 50 --summaries mixture
+    python benchmarks/search.py --sizes 100000 --candidates 50 100 200 --threads 1
+    python benchmarks/search.py --sizes 1000000 --dim 128 --rank 4   # 10^6 mixtures at d = 512 need ~80 GB
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from modelzoo.search.index import Fingerprint, MomentIndex, write_index
 from modelzoo.search.moments import MixtureBatch, mixture_density_scores, mixture_text_scores
 
 DIM = 512
+"""CLIP ViT-B/32's feature size; `--dim` lowers it where the disk cannot hold 10^6 mixtures at 512."""
 CONCEPTS = 2000
 TAU = 100.0
 CHUNK = 100_000
@@ -48,11 +50,11 @@ CHUNK = 100_000
 
 
 def synthetic_models(
-    n: int, rank: int, max_components: int, directory: Path, seed: int = 0
+    n: int, rank: int, max_components: int, directory: Path, dim: int = DIM, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """starts (n + 1), log weights (N), and memory-mapped component means, factors and diagonals."""
     rng = np.random.default_rng(seed)
-    concepts = rng.normal(size=(CONCEPTS, DIM)).astype(np.float32)
+    concepts = rng.normal(size=(CONCEPTS, dim)).astype(np.float32)
     concepts /= np.linalg.norm(concepts, axis=1, keepdims=True)
     K = rng.integers(1, max_components + 1, n)
     starts = np.concatenate([[0], np.cumsum(K)])
@@ -62,23 +64,23 @@ def synthetic_models(
         chosen = np.flatnonzero(k == K)
         w = rng.dirichlet(np.ones(k), len(chosen))
         log_weights[(starts[chosen][:, None] + np.arange(k)).ravel()] = np.log(w).ravel()
-    means = np.lib.format.open_memmap(directory / "m.npy", "w+", np.float32, (N, DIM))
-    factors = np.lib.format.open_memmap(directory / "f.npy", "w+", np.float16, (N, DIM, rank))
-    diags = np.lib.format.open_memmap(directory / "d.npy", "w+", np.float32, (N, DIM))
+    means = np.lib.format.open_memmap(directory / "m.npy", "w+", np.float32, (N, dim))
+    factors = np.lib.format.open_memmap(directory / "f.npy", "w+", np.float16, (N, dim, rank))
+    diags = np.lib.format.open_memmap(directory / "d.npy", "w+", np.float32, (N, dim))
     for start in range(0, N, CHUNK):
         m = min(CHUNK, N - start)
-        x = concepts[rng.integers(0, CONCEPTS, m)] + rng.normal(0, 0.6 / np.sqrt(DIM), (m, DIM)).astype(np.float32)
+        x = concepts[rng.integers(0, CONCEPTS, m)] + rng.normal(0, 0.6 / np.sqrt(dim), (m, dim)).astype(np.float32)
         means[start : start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
-        factors[start : start + m] = (rng.standard_normal((m, DIM, rank), np.float32) * (0.15 / np.sqrt(DIM)))
-        diags[start : start + m] = rng.uniform(0.2, 1.0, (m, DIM)).astype(np.float32) * (0.05 / DIM)
+        factors[start : start + m] = (rng.standard_normal((m, dim, rank), np.float32) * (0.15 / np.sqrt(dim)))
+        diags[start : start + m] = rng.uniform(0.2, 1.0, (m, dim)).astype(np.float32) * (0.05 / dim)
     return starts, log_weights, means, factors, diags
 
 
-def queries(n: int, seed: int) -> np.ndarray:
+def queries(n: int, seed: int, dim: int = DIM) -> np.ndarray:
     rng = np.random.default_rng(seed + 1)
-    concepts = np.random.default_rng(seed).normal(size=(CONCEPTS, DIM)).astype(np.float32)
+    concepts = np.random.default_rng(seed).normal(size=(CONCEPTS, dim)).astype(np.float32)
     concepts /= np.linalg.norm(concepts, axis=1, keepdims=True)
-    q = concepts[rng.integers(0, CONCEPTS, n)] + rng.normal(0, 0.8 / np.sqrt(DIM), (n, DIM)).astype(np.float32)
+    q = concepts[rng.integers(0, CONCEPTS, n)] + rng.normal(0, 0.8 / np.sqrt(dim), (n, dim)).astype(np.float32)
     return q / np.linalg.norm(q, axis=1, keepdims=True)
 
 
@@ -114,10 +116,10 @@ def percentile_ms(times: list[float], p: float) -> float:
     return round(float(np.percentile(times, p)) * 1000, 3)
 
 
-def run(n: int, rank: int, max_components: int, n_queries: int, loop_queries: int, work: Path) -> dict[str, object]:
+def build(n: int, rank: int, max_components: int, dim: int, work: Path) -> tuple[MomentIndex, dict[str, object]]:
     directory = work / f"n{n}-k{max_components}"
     directory.mkdir()
-    starts, log_weights, means, factors, diags = synthetic_models(n, rank, max_components, directory)
+    starts, log_weights, means, factors, diags = synthetic_models(n, rank, max_components, directory, dim)
     started = time.perf_counter()
     index = write_index(directory / "index", "bench", "images", Fingerprint(n, n, n), np.arange(1, n + 1), starts,
                         log_weights, means, factors, diags)
@@ -126,48 +128,68 @@ def run(n: int, rank: int, max_components: int, n_queries: int, loop_queries: in
     for name in ("m.npy", "f.npy", "d.npy"):
         (directory / name).unlink()
     disk = sum(p.stat().st_size for p in (directory / "index").iterdir())
-    result: dict[str, object] = {
-        "models": n, "summary": "gaussian" if max_components == 1 else "mixture", "max_components": max_components,
-        "components": len(index.means), "rank": rank, "faiss": index.kind, "build_s": round(build_s, 2),
-        "index_bytes": disk,
+    return index, {
+        "models": n, "dim": dim, "rank": rank, "summary": "gaussian" if max_components == 1 else "mixture",
+        "max_components": max_components, "components": len(index.means), "faiss": index.kind,
+        "build_s": round(build_s, 2), "index_bytes": disk,
     }
-    qs = queries(n_queries, 0)
-    recall_queries = min(n_queries, 20 if n <= 100_000 else 10)
+
+
+def measure(index: MomentIndex, qs: np.ndarray, pool: int, exact: dict[str, list[np.ndarray]]) -> dict[str, object]:
+    """Latency of every query twice (cold, then warm), and recall@10 of the first len(exact[kind]) queries."""
+    result: dict[str, object] = {"candidates": pool}
     for kind in ("text", "image"):
         cold: list[float] = []
         warm: list[float] = []
         for times in (cold, warm):  # first pass: candidates' moments read from disk; second: page cache
             for q in qs:
                 t0 = time.perf_counter()
-                ranking = rank_candidates(index, [QueryPart("q", q, kind)], DEFAULT_CANDIDATES, TAU)
+                ranking = rank_candidates(index, [QueryPart("q", q, kind)], pool, TAU)
                 ranking.positions[ranking.order[:10]]
                 times.append(time.perf_counter() - t0)
         recalls = []
-        for q, exact in zip(qs[:recall_queries], exact_top(index, qs[:recall_queries], kind), strict=True):
-            ranking = rank_candidates(index, [QueryPart("q", q, kind)], DEFAULT_CANDIDATES, TAU)
+        for q, top_exact in zip(qs, exact[kind], strict=False):
+            ranking = rank_candidates(index, [QueryPart("q", q, kind)], pool, TAU)
             top = ranking.positions[ranking.order[:10]]
-            recalls.append(len(set(top.tolist()) & set(exact.tolist())) / 10)
+            recalls.append(len(set(top.tolist()) & set(top_exact.tolist())) / 10)
         result[kind] = {
             "p50_ms": percentile_ms(warm, 50), "p95_ms": percentile_ms(warm, 95),
             "cold_p50_ms": percentile_ms(cold, 50), "cold_p95_ms": percentile_ms(cold, 95),
-            "recall_at_10": round(float(np.mean(recalls)), 4), "recall_queries": recall_queries,
+            "recall_at_10": round(float(np.mean(recalls)), 4), "recall_queries": len(recalls),
         }
-    if loop_queries and max_components == 1:
-        t0 = time.perf_counter()
-        for q in qs[:loop_queries]:
-            modelverse_loop(index, q)
-        loop_ms = (time.perf_counter() - t0) / loop_queries * 1000
-        result["modelverse_loop_ms"] = round(loop_ms, 1)
-        result["speedup_vs_loop"] = round(loop_ms / result["text"]["p50_ms"], 1)  # type: ignore[index]
-    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    shutil.rmtree(directory, ignore_errors=True)
     return result
+
+
+def run(n: int, args: argparse.Namespace, work: Path) -> list[dict[str, object]]:
+    """Build every summary's index for n models, then measure them in turn for each candidate pool, so
+    that both see the same machine load."""
+    built = [build(n, args.rank, 1 if s == "gaussian" else args.components, args.dim, work) for s in args.summaries]
+    qs = queries(args.queries, 0, args.dim)
+    recall_queries = min(args.queries, 20 if n <= 100_000 else 10)
+    exact = [{kind: exact_top(index, qs[:recall_queries], kind) for kind in ("text", "image")} for index, _ in built]
+    results = []
+    for pool in args.candidates:
+        for (index, info), top in zip(built, exact, strict=True):
+            results.append({**info, **measure(index, qs, pool, top)})
+    gaussian = next((index for index, info in built if info["summary"] == "gaussian"), None)
+    loops = args.loop_queries if n <= 100_000 else min(args.loop_queries, 1)
+    if gaussian is not None and loops:
+        t0 = time.perf_counter()
+        for q in qs[:loops]:
+            modelverse_loop(gaussian, q)
+        results.append({"models": n, "modelverse_loop_ms": round((time.perf_counter() - t0) / loops * 1000, 1)})
+    for index, _ in built:
+        shutil.rmtree(index.directory.parent, ignore_errors=True)
+    results.append({"models": n, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000, 1_000_000])
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=DIM)
+    parser.add_argument("--candidates", type=int, nargs="+", default=[DEFAULT_CANDIDATES], help="FAISS hits reranked")
     parser.add_argument("--components", type=int, default=8, help="most components of a mixture model")
     parser.add_argument("--summaries", nargs="+", choices=("gaussian", "mixture"), default=["gaussian", "mixture"])
     parser.add_argument("--queries", type=int, default=100)
@@ -180,12 +202,11 @@ def main() -> None:
     try:
         results = []
         for n in args.sizes:
-            loops = args.loop_queries if n <= 100_000 else min(args.loop_queries, 1)
-            for summary in args.summaries:
-                K = 1 if summary == "gaussian" else args.components
-                results.append(run(n, args.rank, K, args.queries, loops, work))
-                print(json.dumps(results[-1]), flush=True)
-        print(json.dumps({"benchmark": "search", "dim": DIM, "threads": args.threads, "results": results}, indent=2))
+            for row in run(n, args, work):
+                results.append(row)
+                print(json.dumps(row), flush=True)
+        summary = {"benchmark": "search", "dim": args.dim, "threads": args.threads, "results": results}
+        print(json.dumps(summary, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -31,7 +31,7 @@ from modelzoo.registry.files import NotRegular, open_regular
 from modelzoo.registry.refs import resolve
 from modelzoo.registry.schema import Embedding, Model, Tag, Version
 from modelzoo.registry.store import Registry
-from modelzoo.search.index import Fingerprint, MomentIndex, open_index, write_index
+from modelzoo.search.index import Fingerprint, MomentIndex, open_index, search_vector, write_index
 from modelzoo.search.indexer import SAMPLE_KIND, decode_mixture
 from modelzoo.search.moments import (
     Mixture,
@@ -338,7 +338,8 @@ def rank_candidates(
     summary: str = "mixture",
 ) -> Ranking:
     """FAISS candidates for every part, reranked exactly by the sum of the parts' moment scores."""
-    positions = index.candidates(np.stack([p.vector for p in parts]), pool, allowed)
+    vectors = [search_vector(p.vector, tau if p.kind == "text" else None) for p in parts]
+    positions = index.candidates(np.stack(vectors), pool, allowed)
     if len(positions) == 0:
         empty = np.zeros(0)
         return Ranking(positions, empty, {}, positions, positions)

@@ -6,11 +6,12 @@ moments memory-mapped.
         rows.npy       (n,) embedding row ids (int64, ascending), one per indexed version
         starts.npy     (n + 1,) int64: the components of rows[i] are starts[i] .. starts[i + 1] - 1
         weights.npy    (N,) float64   log mixture weights of the N components
-        means.npy      (N, d) float32 component means (FAISS holds them unit-normalised; FAISS id = component)
+        means.npy      (N, d) float32 component means (FAISS id = component; see below for what FAISS holds)
         factors.npy    (N, d, r) float32  covariance factors, read only for the candidates (float32, not the
                        database's float16: widening float16 costs more per query than reading twice the bytes)
         diags.npy      (N, d) float32
         chols.npy      (N, r, r) float32  Cholesky factors for the log-density (moments.woodbury)
+        logdets.npy    (N,) float64   log det(Sigma + eps I) for the log-density
         index.faiss
 
 Images and texts have separate indexes: CLIP's image and text features lie in different regions (the
@@ -21,10 +22,16 @@ rows are only ever inserted or deleted, and ids are not reused while larger ones
 is current, and a missing, damaged or stale index is rebuilt from the database, never trusted. Builds go
 to a temporary sibling folder that replaces the old one by rename, so readers never see half an index.
 
-Candidates come from FAISS by inner product with the normalised component means, mapped back to their
-versions: an exact flat index up to
-`FLAT_LIMIT` models, an inverted-file index with 8-bit scalar quantisation above (sqrt(n) lists, trained
-on 64 points per list; the exact rerank corrects the quantisation), searched with `DEFAULT_NPROBE` lists.
+Candidates come from FAISS by inner product, one vector per component mapped back to its version: the
+unit-normalised mean followed by two numbers, WEIGHT_SCALE log w_k and tr(Sigma_k)/d (the log weight and
+the mean variance). A text query searches with [q, 1/(WEIGHT_SCALE tau), tau/2], so the inner product is
+q.mu_k + log w_k / tau + tau/2 tr(Sigma_k)/d, the component's share of the text score divided by tau with
+q^T Sigma_k q replaced by its average over directions (without it, components of small weight or wide
+variance are missed); image and model queries search with [q, 0, 0], the inner product with the mean
+alone. WEIGHT_SCALE keeps the log weight (down to about -7) from outweighing the mean's coordinates when
+the inverted file clusters the vectors. An exact flat index up to `FLAT_LIMIT` components, an
+inverted-file index with 8-bit scalar quantisation above (sqrt(N) lists, trained on 64 points per list;
+the exact rerank corrects the quantisation), searched with `DEFAULT_NPROBE` lists.
 """
 
 from __future__ import annotations
@@ -45,7 +52,8 @@ from modelzoo.search.moments import MixtureBatch, woodbury
 FLAT_LIMIT = 50_000
 DEFAULT_NPROBE = 24
 TRAIN_POINTS_PER_LIST = 64
-INDEX_FORMAT = 2
+INDEX_FORMAT = 3
+WEIGHT_SCALE = 0.01
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,7 @@ class MomentIndex:
     factors: np.ndarray
     diags: np.ndarray
     chols: np.ndarray
+    logdets: np.ndarray
     faiss_index: faiss.Index
     fingerprint: Fingerprint
     kind: str
@@ -90,8 +99,8 @@ class MomentIndex:
         return first + np.arange(int(counts.sum()))
 
     def candidates(self, vectors: np.ndarray, k: int, allowed: np.ndarray | None = None) -> np.ndarray:
-        """Row positions of the versions owning the `k` best component means by inner product for each
-        query vector (at most k versions each), restricted to the positions in `allowed` when given."""
+        """Row positions of the versions owning the `k` best components by inner product with each (d + 2)
+        query vector (`search_vector`; at most k versions each), restricted to the positions in `allowed`."""
         if len(self) == 0 or k < 1:
             return np.zeros(0, np.int64)
         params = None
@@ -124,7 +133,8 @@ class MomentIndex:
         comps = self.components_of(positions)
         owner = np.repeat(np.arange(len(positions)), self.starts[positions + 1] - self.starts[positions])
         return MixtureBatch.from_arrays(self.means[comps], self.factors[comps], self.diags[comps],
-                                        self.log_weights[comps], owner, len(positions), self.chols[comps])
+                                        self.log_weights[comps], owner, len(positions), self.chols[comps],
+                                        self.logdets[comps])
 
     def positions_of(self, embedding_ids: np.ndarray) -> np.ndarray:
         """Row positions of those of `embedding_ids` that the index holds."""
@@ -142,21 +152,35 @@ def _write_npy(path: Path, array: np.ndarray) -> None:
         os.fsync(f.fileno())
 
 
-def _write_factors(directory: Path, factors: np.ndarray, diags: np.ndarray) -> None:
-    """factors.npy in float32 and chols.npy, in chunks: `factors` may be a large memory-mapped array."""
+def search_vector(query: np.ndarray, text_tau: float | None) -> np.ndarray:
+    """What FAISS searches with for a (d,) query: [q, 1/(WEIGHT_SCALE tau), tau/2] for a text query, else
+    [q, 0, 0]."""
+    extra = [1 / (WEIGHT_SCALE * text_tau), text_tau / 2] if text_tau is not None else [0.0, 0.0]
+    return np.concatenate([np.asarray(query, dtype=np.float32), np.asarray(extra, dtype=np.float32)])
+
+
+def _write_factors(directory: Path, factors: np.ndarray, diags: np.ndarray) -> np.ndarray:
+    """factors.npy in float32, chols.npy and logdets.npy, in chunks (`factors` may be a large
+    memory-mapped array); returns each component's trace(Sigma_k)."""
     n, d, r = factors.shape
     out = np.lib.format.open_memmap(directory / "factors.npy", "w+", np.float32, (n, d, r))
     chols = np.lib.format.open_memmap(directory / "chols.npy", "w+", np.float32, (n, r, r))
+    logdets = np.lib.format.open_memmap(directory / "logdets.npy", "w+", np.float64, (n,))
+    traces = np.empty(n)
     for start in range(0, n, 16_384):
         part = np.asarray(factors[start : start + 16_384], dtype=np.float32)
         out[start : start + len(part)] = part
         diag = torch.from_numpy(np.asarray(diags[start : start + len(part)], dtype=np.float32))
-        chols[start : start + len(part)] = woodbury(torch.from_numpy(part), diag).float().numpy()
-    for array, name in ((out, "factors.npy"), (chols, "chols.npy")):
+        chol, logdet = woodbury(torch.from_numpy(part), diag)
+        chols[start : start + len(part)] = chol.float().numpy()
+        logdets[start : start + len(part)] = logdet.numpy()
+        traces[start : start + len(part)] = np.square(part).sum((1, 2)) + diag.double().sum(1).numpy()
+    for array, name in ((out, "factors.npy"), (chols, "chols.npy"), (logdets, "logdets.npy")):
         array.flush()
         with open(directory / name, "rb+") as f:
             os.fsync(f.fileno())
-    del out, chols
+    del out, chols, logdets
+    return traces
 
 
 def build_faiss(means: np.ndarray) -> tuple[faiss.Index, str]:
@@ -195,12 +219,18 @@ def write_index(
     staging.mkdir()
     try:
         means = np.ascontiguousarray(means, dtype=np.float32)
-        index, kind = build_faiss(means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12))
+        traces = _write_factors(staging, factors, diags)
+        d = means.shape[1]
+        vectors = np.empty((len(means), d + 2), np.float32)
+        vectors[:, :d] = means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+        vectors[:, d] = WEIGHT_SCALE * np.asarray(log_weights)
+        vectors[:, d + 1] = traces / d
+        index, kind = build_faiss(vectors)
+        del vectors
         _write_npy(staging / "rows.npy", np.asarray(rows, dtype=np.int64))
         _write_npy(staging / "starts.npy", np.asarray(starts, dtype=np.int64))
         _write_npy(staging / "weights.npy", np.asarray(log_weights, dtype=np.float64))
         _write_npy(staging / "means.npy", means)
-        _write_factors(staging, factors, diags)
         _write_npy(staging / "diags.npy", np.asarray(diags, dtype=np.float32))
         faiss.write_index(index, str(staging / "index.faiss"))
         meta = {
@@ -224,7 +254,7 @@ def write_index(
 
 INDEX_FILES = (
     "meta.json", "rows.npy", "starts.npy", "weights.npy", "means.npy", "factors.npy", "diags.npy", "chols.npy",
-    "index.faiss",
+    "logdets.npy", "index.faiss",
 )
 _opened: dict[Path, tuple[tuple[tuple[int, int, int], ...], MomentIndex]] = {}
 """Indexes already read by this process, with the state of their files when read: a long-lived process
@@ -270,6 +300,7 @@ def _read_index(directory: Path, encoder_hash: str, modality: str) -> MomentInde
         factors = np.load(directory / "factors.npy", mmap_mode="r", allow_pickle=False)
         diags = np.load(directory / "diags.npy", mmap_mode="r", allow_pickle=False)
         chols = np.load(directory / "chols.npy", mmap_mode="r", allow_pickle=False)
+        logdets = np.load(directory / "logdets.npy", mmap_mode="r", allow_pickle=False)
         index = faiss.read_index(str(directory / "index.faiss"))
     except (OSError, ValueError, RuntimeError, json.JSONDecodeError):
         return None
@@ -277,12 +308,13 @@ def _read_index(directory: Path, encoder_hash: str, modality: str) -> MomentInde
     consistent = (
         means.ndim == 2 and factors.ndim == 3 and diags.shape == means.shape and starts.shape == (n + 1,)
         and log_weights.shape == (N,) and len(factors) == N and factors.shape[1] == means.shape[1]
-        and chols.shape == (N, factors.shape[2], factors.shape[2])
-        and index.ntotal == N and meta.get("count") == n and n > 0 and starts[0] == 0 and starts[-1] == N
+        and chols.shape == (N, factors.shape[2], factors.shape[2]) and logdets.shape == (N,)
+        and index.ntotal == N and index.d == means.shape[1] + 2 and meta.get("count") == n and n > 0
+        and starts[0] == 0 and starts[-1] == N
         and bool(np.all(np.diff(starts) > 0))
     )
     if not consistent:
         return None
     fingerprint = Fingerprint(*meta["fingerprint"])
     return MomentIndex(directory, encoder_hash, modality, rows, starts, log_weights, means, factors, diags, chols,
-                       index, fingerprint, meta["kind"])
+                       logdets, index, fingerprint, meta["kind"])

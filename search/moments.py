@@ -83,6 +83,8 @@ class MomentBatch:
     chol: torch.Tensor | None = None
     """(C, r, r) Cholesky factors of I + L^T (D + eps I)^-1 L at eps = DENSITY_EPS (`woodbury`), when
     precomputed: the image score then costs O(d r) per model, as the text score does."""
+    logdet: torch.Tensor | None = None
+    """(C,) log det(Sigma + eps I) at eps = DENSITY_EPS, precomputed with `chol`."""
 
     @classmethod
     def of(cls, moments: list[Moments]) -> MomentBatch:
@@ -93,10 +95,12 @@ class MomentBatch:
 
     @classmethod
     def from_arrays(
-        cls, mean: np.ndarray, factor: np.ndarray, diag: np.ndarray, chol: np.ndarray | None = None
+        cls, mean: np.ndarray, factor: np.ndarray, diag: np.ndarray, chol: np.ndarray | None = None,
+        logdet: np.ndarray | None = None,
     ) -> MomentBatch:
         as_float = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float32))  # noqa: E731
-        return cls(as_float(mean), as_float(factor), as_float(diag), None if chol is None else as_float(chol))
+        return cls(as_float(mean), as_float(factor), as_float(diag), None if chol is None else as_float(chol),
+                   None if logdet is None else torch.from_numpy(np.asarray(logdet, dtype=np.float64)))
 
     def __len__(self) -> int:
         return int(self.mean.shape[0])
@@ -115,33 +119,37 @@ def density_scores(batch: MomentBatch, query: np.ndarray, eps: float = DENSITY_E
     return log_densities(batch, np.asarray(query)[None], eps)[0]
 
 
-def woodbury(factor: torch.Tensor, diag: torch.Tensor, eps: float = DENSITY_EPS) -> torch.Tensor:
-    """The (C, r, r) lower Cholesky factors of I + L^T A^-1 L, A = diag(D) + eps, in float64: what the
-    log-density of each model needs that does not depend on the query."""
+def woodbury(factor: torch.Tensor, diag: torch.Tensor, eps: float = DENSITY_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the log-density of each model needs that does not depend on the query, in float64: the
+    (C, r, r) lower Cholesky factors of I + L^T A^-1 L, A = diag(D) + eps, and (C,) log det(A + L L^T)
+    by the matrix determinant lemma."""
     a = diag.double() + eps
     factor = factor.double()
     eye = torch.eye(factor.shape[-1], dtype=torch.float64, device=factor.device)
-    return torch.linalg.cholesky(eye + factor.transpose(1, 2) @ (factor / a.unsqueeze(-1)))
+    chol = torch.linalg.cholesky(eye + factor.transpose(1, 2) @ (factor / a.unsqueeze(-1)))
+    return chol, a.log().sum(1) + 2 * chol.diagonal(dim1=1, dim2=2).log().sum(1)
 
 
 def log_densities(batch: MomentBatch, queries: np.ndarray, eps: float = DENSITY_EPS) -> np.ndarray:
     """log N(q_i; mu_c, Sigma_c + eps I) for (n, d) queries and C models, (n, C), through the Woodbury
     identity and the matrix determinant lemma on A + L L^T with A = diag(D) + eps: O(d r^2) per model,
-    or O(d r) with the Cholesky factors precomputed (`MomentBatch.chol`), no d x d matrix. Everything is
-    float64 except, on the precomputed path, the product L^T (A^-1 delta) (float32, as L is stored)."""
-    q = torch.from_numpy(np.asarray(queries, dtype=np.float64))  # (n, d)
-    a = batch.diag.double() + eps  # (C, d)
-    delta = q[:, None, :] - batch.mean.double()[None]  # (n, C, d)
-    if batch.chol is not None and eps == DENSITY_EPS:
-        chol = batch.chol.double()
-        whitened = (delta / a).float().permute(1, 0, 2)  # (C, n, d)
-        u = (whitened @ batch.factor).double()  # L^T A^-1 delta, (C, n, r)
+    no d x d matrix, in float64. With the Cholesky factors precomputed (`MomentBatch.chol`, as the search
+    index stores them) it is O(d r) per model, in float32 up to the final sums (the rerank's hot path;
+    the two Mahalanobis terms are summed in float64 where they cancel)."""
+    cached = batch.chol is not None and batch.logdet is not None and eps == DENSITY_EPS
+    dtype = torch.float32 if cached else torch.float64
+    q = torch.from_numpy(np.asarray(queries)).to(dtype)  # (n, d)
+    a = batch.diag.to(dtype) + eps  # (C, d)
+    delta = q[:, None, :] - batch.mean.to(dtype)[None]  # (n, C, d)
+    whitened = delta / a  # A^-1 delta
+    if cached:
+        assert batch.chol is not None and batch.logdet is not None
+        chol, logdet = batch.chol, batch.logdet
     else:
-        chol = woodbury(batch.factor, batch.diag, eps)
-        u = (delta / a).permute(1, 0, 2) @ batch.factor.double()
-    solved = torch.cholesky_solve(u.transpose(1, 2), chol).transpose(1, 2)
-    mahalanobis = (delta.pow(2) / a).sum(-1) - (u * solved).sum(-1).T
-    logdet = a.log().sum(1) + 2 * chol.diagonal(dim1=1, dim2=2).log().sum(1)
+        chol, logdet = woodbury(batch.factor, batch.diag, eps)
+    u = whitened.permute(1, 0, 2) @ batch.factor.to(dtype)  # L^T A^-1 delta, (C, n, r)
+    solved = torch.cholesky_solve(u.transpose(1, 2), chol.to(dtype)).transpose(1, 2)
+    mahalanobis = (delta * whitened).sum(-1).double() - (u * solved).sum(-1).T.double()
     d = q.shape[1]
     return (-0.5 * (d * math.log(2 * math.pi) + logdet + mahalanobis)).numpy()
 
@@ -312,8 +320,9 @@ class MixtureBatch:
 
     @classmethod
     def from_arrays(cls, mean: np.ndarray, factor: np.ndarray, diag: np.ndarray, log_weights: np.ndarray,
-                    owner: np.ndarray, models: int, chol: np.ndarray | None = None) -> MixtureBatch:
-        return cls(MomentBatch.from_arrays(mean, factor, diag, chol),
+                    owner: np.ndarray, models: int, chol: np.ndarray | None = None,
+                    logdet: np.ndarray | None = None) -> MixtureBatch:
+        return cls(MomentBatch.from_arrays(mean, factor, diag, chol, logdet),
                    torch.from_numpy(np.asarray(log_weights, np.float64)), torch.from_numpy(np.asarray(owner, np.int64)),
                    models)
 

@@ -265,3 +265,20 @@ def test_rebuild_upgrades_one_gaussian_embeddings_to_one_component_per_prompt(
         rows = session.scalars(select(Embedding)).all()
         assert [(r.id, r.components, r.sample_spec["count"]) for r in rows] == [(again[0].embedding_id, 2, 4)]
     assert [h.ref for h in zoo.search(text=["a red circle"])] == ["sd@1"]
+
+
+def test_text_candidates_account_for_weight_and_variance_not_only_the_mean(tmp_path: Path) -> None:
+    """Version 0's component is nearest the query by its mean but narrow; version 1's is a little further
+    and wide, so its text score is higher. With room for one candidate, FAISS must offer version 1."""
+    from modelzoo.search.index import Fingerprint, write_index
+
+    d, tau = 8, 20.0
+    q = np.eye(d)[0]
+    means = np.stack([np.eye(d)[0] * 0.9 + np.eye(d)[1] * 0.1, np.eye(d)[0] * 0.8 + np.eye(d)[1] * 0.2])
+    diags = np.stack([np.full(d, 1e-4), np.full(d, 2e-2)]).astype(np.float32)
+    index = write_index(tmp_path / "i", "h", "images", Fingerprint(2, 2, 3), np.array([1, 2]), np.array([0, 1, 2]),
+                        np.zeros(2), means.astype(np.float32), np.zeros((2, d, 0), np.float32), diags)
+    exact = engine.rank_candidates(index, [engine.QueryPart("t", q, "text")], 2, tau)
+    assert exact.positions[exact.order[0]] == 1
+    assert engine.rank_candidates(index, [engine.QueryPart("t", q, "text")], 1, tau).positions.tolist() == [1]
+    assert engine.rank_candidates(index, [engine.QueryPart("i", q, "image")], 1, tau).positions.tolist() == [0]

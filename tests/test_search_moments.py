@@ -175,6 +175,7 @@ def test_precomputed_cholesky_factors_give_the_same_density() -> None:
     rng = np.random.default_rng(10)
     models = [moments_of(_features(rng, spread=s), rank=5) for s in (0.2, 0.5, 0.9)]
     batch = MomentBatch.of(models)
-    cached = MomentBatch(batch.mean, batch.factor, batch.diag, woodbury(batch.factor, batch.diag).float())
+    chol, logdet = woodbury(batch.factor, batch.diag)
+    cached = MomentBatch(batch.mean, batch.factor, batch.diag, chol.float(), logdet)
     q = _features(rng, n=2)
     np.testing.assert_allclose(log_densities(cached, q), log_densities(batch, q), rtol=1e-5)
