@@ -10,12 +10,16 @@ Both write many facts (subject, relation) -> object into the MLP down-projection
    next-token distribution at the subject of "{} is a" (essence drift), plus `v_weight_decay` x
    ||delta|| / ||h||^2; after each step delta is projected back to `clamp_norm_factor` x ||h||. Early stop
    when a request's loss falls below 0.05. z_i = h_i + delta_i. The reference (and EasyEdit) optimise one
-   request at a time; here `z_batch` requests (default all that fit in memory) share one padded forward
-   and backward per step over all their prompts. Their deltas only touch their own rows, each keeps its
-   own loss, KL term, clamp and early stop, and Adam is element-wise, so every z is the sequential one up
-   to float rounding, which Adam's sign-like first steps can amplify where a gradient is near zero
-   (`z_batch` 1 is the reference's loop). Each prompt's tokens before the subject's last one do not depend
-   on delta, so they run once into a key/value cache and every step runs only the rest (`_SplitBatch`).
+   request at a time; here `z_batch` requests (default all that fit in memory) share each step's forward
+   and backward over all their prompts. Their deltas only touch their own rows, each keeps its own loss,
+   KL term, clamp and early stop, and Adam is element-wise, so every z is the sequential one up to float
+   rounding, which Adam's sign-like first steps can amplify where a gradient is near zero (`z_batch` 1 is
+   the reference's loop). A step costs less than the reference's in four ways, each measured on SmolLM2
+   on a CPU (benchmarks/editors_lm.py `zbatch`): a prompt's tokens before the subject's last one do not
+   depend on delta, so they run once into a key/value cache and every step runs only the rest
+   (`_SplitBatch`), rests of very different lengths in separate passes; the LM head is read in one call
+   per step (`_HeadReads`); the linear weights are held in the autocast dtype for the run; and under CPU
+   autocast attention runs as plain matmuls.
 2. Layer by layer from L_1 (`memit_main.py`): keys K (key_dim x n), the down-projection's input at the
    subject's last token averaged over the context templates (the bare prompt weighing one half);
    residual R = (Z - H) / (layers left), H the current block-L_m outputs on the bare prompts
@@ -388,10 +392,11 @@ class ZResult:
 def z_batch_size(hp: MemitHparams, layout: LmLayout, n: int, tokens_per_request: int, device: torch.device) -> int:
     """How many requests' z are optimised together: `hp.z_batch`, or (0) all of them as far as memory allows.
 
-    The backward pass keeps every block from L_m on; the estimate allows per token 16 hidden-wide and 4
-    key-wide float32 activations per block (attention, norms, the MLP's gate/up/down inputs): for SmolLM2
-    about 160 MB a request of some 120 tokens, where 32 requests in one batch measured 5.9 GB peak RSS
-    against 1.8 GB one at a time (130 MB a request). Half the memory free now is the budget."""
+    The backward pass keeps every block from L_m on, for the tokens each step runs (the rests after the
+    prefix cache); the estimate allows per token 16 hidden-wide and 4 key-wide float32 activations per
+    block (attention, norms, the MLP's gate/up/down inputs): for SmolLM2 about 47 MB a request of some 35
+    rest tokens, where 32 requests in one batch measured 2.7 GB peak RSS against 1.9 GB one at a time
+    (25 MB a request). Half the memory free now is the budget."""
     if hp.z_batch:
         return min(n, hp.z_batch)
     blocks = layout.n_layers - hp.layers[-1]
