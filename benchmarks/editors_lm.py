@@ -251,6 +251,9 @@ class _WholeSequences:
     def __init__(self, lm: torch.nn.Module, seqs: list[Any], pad: int, device: torch.device) -> None:
         self.seqs, self.pad, self.device = seqs, pad, device
 
+    def groups(self, rows: list[int]) -> list[list[int]]:
+        return [list(range(len(rows)))]  # one pass, every prompt padded to the longest
+
     def subject_positions(self, rows: list[int]) -> torch.Tensor:
         return torch.tensor([self.seqs[r].tokens.subject_last for r in rows])
 

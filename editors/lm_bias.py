@@ -22,6 +22,6 @@ def zero_biases(tensors: dict[str, torch.Tensor], flag: str) -> dict[str, torch.
     changed = {}
     for name, weight in tensors.items():
         if name.endswith(LLAMA_BIAS_GROUPS[flag]):
-            changed[name.removesuffix("weight") + "bias"] = torch.zeros(weight.shape[0], dtype=weight.dtype,
-                                                                        device=weight.device)
+            bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+            changed[name.removesuffix("weight") + "bias"] = bias
     return changed

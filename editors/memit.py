@@ -304,6 +304,7 @@ class _SplitBatch:
 
     def subject_positions(self, rows: Sequence[int]) -> torch.Tensor:
         """Where each row's subject's last token sits in what `final_hidden` runs: the rest's first."""
+        # on the CPU with the hook's other indices: a device tensor can be indexed by them
         return torch.zeros(len(rows), dtype=torch.long)
 
     def final_hidden(self, lm: nn.Module, rows: Sequence[int]) -> torch.Tensor:

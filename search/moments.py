@@ -236,7 +236,7 @@ def kmeans(features: np.ndarray, K: int, seed: int = 0, restarts: int = 4, itera
     """Lloyd's k-means with k-means++ seeding, the best of `restarts` runs; returns (n,) labels."""
     x = torch.from_numpy(np.asarray(features, dtype=np.float64))
     generator = torch.Generator().manual_seed(seed)
-    best_labels, best_cost = torch.zeros(len(x), dtype=torch.long), math.inf
+    best_labels, best_cost = torch.zeros(len(x), dtype=torch.long, device=x.device), math.inf
     for _ in range(restarts):
         centres = x[torch.randint(len(x), (1,), generator=generator)]
         while len(centres) < K:
@@ -333,21 +333,22 @@ class MixtureBatch:
         """log sum_k exp(log w_k + s_k) per model, stable: the per-model maximum is taken out first."""
         s = per_component.double() + self.log_weights
         top = torch.full((self.models,), -math.inf, dtype=torch.float64).scatter_reduce(0, self.owner, s, "amax")
-        total = torch.zeros(self.models, dtype=torch.float64).index_add(0, self.owner, (s - top[self.owner]).exp())
+        total = torch.zeros(self.models, dtype=torch.float64, device=s.device)
+        total = total.index_add(0, self.owner, (s - top[self.owner]).exp())
         return (top + total.log()).numpy()
 
     def collapsed(self) -> MomentBatch:
         """Each model's moment-matched single Gaussian (Mixture.collapsed), stacked."""
         c = self.components
         w = self.log_weights.exp()
-        mean = torch.zeros(self.models, c.mean.shape[1], dtype=torch.float64).index_add(
+        mean = torch.zeros(self.models, c.mean.shape[1], dtype=torch.float64, device=w.device).index_add(
             0, self.owner, w[:, None] * c.mean.double())
         diag = torch.zeros_like(mean).index_add(0, self.owner, w[:, None] * c.diag.double())
         counts = torch.bincount(self.owner, minlength=self.models)
         K, d, r = int(counts.max()), c.mean.shape[1], c.factor.shape[2]
         slot = torch.arange(len(self.owner)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
         roots = w.sqrt()
-        factor = torch.zeros(self.models, K, d, r + 1, dtype=torch.float64)
+        factor = torch.zeros(self.models, K, d, r + 1, dtype=torch.float64, device=w.device)
         factor[self.owner, slot, :, :r] = c.factor.double() * roots[:, None, None]
         factor[self.owner, slot, :, r] = (c.mean.double() - mean[self.owner]) * roots[:, None]
         factor = factor.permute(0, 2, 1, 3).reshape(self.models, d, K * (r + 1))
@@ -394,6 +395,6 @@ def matched_frechet(query: Mixture, batch: MixtureBatch) -> np.ndarray:
     nearest_b = torch.full((costs.shape[0], batch.models), math.inf, dtype=torch.float64)
     nearest_b = nearest_b.scatter_reduce(1, batch.owner.expand_as(costs), costs, "amin")  # (Ka, C)
     forward = (w[:, None] * nearest_b).sum(0)
-    backward = torch.zeros(batch.models, dtype=torch.float64).index_add(
+    backward = torch.zeros(batch.models, dtype=torch.float64, device=forward.device).index_add(
         0, batch.owner, batch.log_weights.exp() * costs.min(0).values)
     return (0.5 * (forward + backward)).numpy()
