@@ -72,6 +72,19 @@ def run_analysis(registry: Registry, ref: str, kind: str, request: Any, *, devic
     return store_analysis(registry, info.ref, replace(new, duration_s=time.perf_counter() - started))
 
 
+def shipped_names(directory: Path, suffix: str) -> list[str]:
+    """The names of the files with `suffix` that ship in `directory`."""
+    return sorted(p.stem for p in directory.glob(f"*{suffix}"))
+
+
+def shipped_or_path(name_or_path: str, directory: Path, suffix: str) -> Path:
+    """A path as given, or the shipped file of that name; an existing path wins over a name."""
+    path = Path(name_or_path)
+    if path.exists() or name_or_path not in shipped_names(directory, suffix):
+        return path
+    return directory / f"{name_or_path}{suffix}"
+
+
 def read_json_lines(path: Path) -> list[Any]:
     """One JSON value per non-empty line of an untrusted file; BadInput naming the file and line."""
     try:

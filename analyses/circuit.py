@@ -45,7 +45,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from modelzoo.analyses.base import AnalysisProgress, report
+from modelzoo.analyses.base import AnalysisProgress, report, shipped_names, shipped_or_path
 from modelzoo.analyses.lm import LmParts, lm_parts
 from modelzoo.registry.analyses import NewAnalysis, data_hash
 from modelzoo.registry.errors import BadInput
@@ -79,15 +79,12 @@ class Desideratum:
 
 
 def desiderata_names() -> list[str]:
-    return sorted(p.stem for p in DESIDERATA_DIR.glob("*.json"))
+    return shipped_names(DESIDERATA_DIR, ".json")
 
 
 def desiderata_path(name_or_path: str) -> Path:
     """A desiderata file, or the name of one shipped in analyses/desiderata/ (lookup, arithmetic)."""
-    path = Path(name_or_path)
-    if path.exists() or name_or_path not in desiderata_names():
-        return path
-    return DESIDERATA_DIR / f"{name_or_path}.json"
+    return shipped_or_path(name_or_path, DESIDERATA_DIR, ".json")
 
 
 def read_desiderata(path: Path) -> tuple[Desideratum, ...]:

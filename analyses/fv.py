@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from modelzoo.analyses.base import AnalysisProgress, read_json_lines, report
+from modelzoo.analyses.base import AnalysisProgress, read_json_lines, report, shipped_names, shipped_or_path
 from modelzoo.analyses.lm import LmParts, lm_parts, prefix, residual, run_rest, with_residual
 from modelzoo.registry.analyses import NewAnalysis, data_hash
 from modelzoo.registry.errors import BadInput
@@ -42,15 +42,12 @@ TASKS_DIR = Path(__file__).with_name("tasks")
 
 
 def task_names() -> list[str]:
-    return sorted(p.stem for p in TASKS_DIR.glob("*.jsonl"))
+    return shipped_names(TASKS_DIR, ".jsonl")
 
 
 def task_path(name_or_path: str) -> Path:
     """A task file, or the name of one shipped in analyses/tasks/ (capital, antonym, ...)."""
-    path = Path(name_or_path)
-    if path.exists() or name_or_path not in task_names():
-        return path
-    return TASKS_DIR / f"{name_or_path}.jsonl"
+    return shipped_or_path(name_or_path, TASKS_DIR, ".jsonl")
 
 
 @dataclass(frozen=True)

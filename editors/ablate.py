@@ -26,7 +26,7 @@ import torch
 
 from modelzoo.analyses.circuit import Component, parse_component
 from modelzoo.editors.lm_bias import zero_biases
-from modelzoo.registry.analyses import analysis_tensors, get_analysis
+from modelzoo.registry.analyses import analysis_of, analysis_tensors
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.records import VersionInfo
 from modelzoo.registry.store import Registry
@@ -111,11 +111,7 @@ def knock_out(registry: Registry, ref: str, request: Knockout, name: str | None 
     if request.mode not in ("zero", "mean"):
         raise BadInput(f"--mode is zero or mean, not {request.mode!r}")
     info = registry.info(ref)
-    analysis = get_analysis(registry, request.analysis)
-    if analysis.kind != "circuit":
-        raise BadInput(f"analysis {analysis.id} is a {analysis.kind} analysis, not a circuit")
-    if analysis.ref != info.ref:
-        raise BadInput(f"analysis {analysis.id} was computed on {analysis.ref}, not {info.ref}")
+    analysis = analysis_of(registry, request.analysis, "circuit", "a circuit", info.ref)
     knocked = [parse_component(n) for n in analysis.metrics["components"]]
     if not knocked:
         raise BadInput(f"analysis {analysis.id} found no components to knock out")

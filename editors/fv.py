@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from modelzoo.editors.lm_bias import zero_biases
-from modelzoo.registry.analyses import analysis_tensors, get_analysis
+from modelzoo.registry.analyses import analysis_of, analysis_tensors
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.records import VersionInfo
 from modelzoo.registry.store import Registry
@@ -50,11 +50,7 @@ def _bias_changes(tensors: dict[str, torch.Tensor], config: dict[str, object], l
 def bake_function_vector(registry: Registry, ref: str, bake: FvBake, name: str | None = None) -> VersionInfo:
     """Register a child of `ref` whose weights add the analysis's function vector after its layer."""
     info = registry.info(ref)
-    analysis = get_analysis(registry, bake.analysis)
-    if analysis.kind != "fv":
-        raise BadInput(f"analysis {analysis.id} is a {analysis.kind} analysis, not a function vector (fv)")
-    if analysis.ref != info.ref:
-        raise BadInput(f"analysis {analysis.id} was computed on {analysis.ref}, not {info.ref}")
+    analysis = analysis_of(registry, bake.analysis, "fv", "a function vector (fv)", info.ref)
     layer = int(analysis.metrics["layer"]) if bake.layer is None else bake.layer
     v = bake.scale * analysis_tensors(registry, analysis.id)["function_vector"]
     files = registry.load_files(info.ref)

@@ -105,6 +105,17 @@ def get_analysis(registry: Registry, analysis_id: int) -> AnalysisInfo:
         return _info(session, row)
 
 
+def analysis_of(registry: Registry, analysis_id: int, kind: str, what: str, ref: str) -> AnalysisInfo:
+    """A stored analysis that an edit bakes into a child of `ref`: it must be of `kind` (described to the
+    user as `what`) and computed on `ref` itself."""
+    analysis = get_analysis(registry, analysis_id)
+    if analysis.kind != kind:
+        raise BadInput(f"analysis {analysis.id} is a {analysis.kind} analysis, not {what}")
+    if analysis.ref != ref:
+        raise BadInput(f"analysis {analysis.id} was computed on {analysis.ref}, not {ref}")
+    return analysis
+
+
 def list_analyses(registry: Registry, ref: str, kind: str | None = None) -> list[AnalysisInfo]:
     """The analyses of one version, oldest first."""
     with registry.db.read() as session:
