@@ -6,8 +6,8 @@ its GAN among the indexed image models (GANs and the diffusion model; language m
 is recorded; as in Modelverse's evaluation, top-1 and top-5 accuracy and mean average precision (with one
 relevant model per query, AP = 1 / rank). A sketch has no colour, so for sketches every GAN of the
 sketched shape is relevant. Image queries are drawn as the world draws them (on mid grey) and on
-backgrounds the world never shows (white, black, a checkerboard), to see how far the search depends on
-the world's style rather than on shape and colour.
+backgrounds the world's generators never show (white, black, a checkerboard), to see how far the search
+depends on the world's style rather than on shape and colour.
 
 The diffusion model, trained on every slice and indexed with every slice's caption, is the hard case: a
 single Gaussian fitted to its many-coloured samples has a wide variance along any colour direction, which
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from modelzoo import Zoo
-from modelzoo.demo.shapes import BASIC_COLOURS, RGB, SHAPES, ShapeSpec, caption, coverage, draw, sample_specs, sketch
+from modelzoo.demo.shapes import BASIC_COLOURS, SHAPES, backdrop, caption, draw, sample_specs, sketch
 from modelzoo.registry.errors import NotFound
 from modelzoo.search.engine import SearchHit
 from modelzoo.search.indexer import IndexedVersion
@@ -35,27 +35,10 @@ DIFFUSION_SAMPLES = {"full": 96, "quick": 32}
 DIFFUSION_STEPS = 20
 LM_SAMPLES = {"full": 32, "quick": 8}
 QUERY_RESOLUTION = 32
-HELD_OUT_BACKGROUNDS = ("white", "black", "checkerboard")
-"""Query images drawn on backgrounds the world never shows (its images are all on mid grey)."""
-
-
-def background(name: str, resolution: int) -> np.ndarray:
-    """A (H, W, 3) float32 background: white, black, or a checkerboard of 4-pixel light and dark squares."""
-    if name == "white":
-        return np.full((resolution, resolution, 3), 255.0, np.float32)
-    if name == "black":
-        return np.zeros((resolution, resolution, 3), np.float32)
-    if name == "checkerboard":
-        cells = (np.add.outer(np.arange(resolution) // 4, np.arange(resolution) // 4) % 2).astype(np.float32)
-        return np.repeat((48 + 160 * cells)[..., None], 3, axis=2)
-    raise ValueError(f"unknown background {name!r}")
-
-
-def draw_on(spec: ShapeSpec, backdrop: str, resolution: int = QUERY_RESOLUTION) -> np.ndarray:
-    """The shape in its colour over one of the held-out backgrounds, uint8 (H, W, 3)."""
-    alpha = coverage(spec, resolution)[..., None]
-    fg = np.array(RGB[spec.colour], np.float32)
-    return np.rint(background(backdrop, resolution) * (1 - alpha) + fg * alpha).astype(np.uint8)
+QUERY_BACKDROPS = ("white", "black", "checkerboard")
+"""Backgrounds of the image queries besides the world's grey: white and black are among the styles the
+shapes CLIP trains on (demo/train_clip.py), the checkerboard is one it never sees; no generator draws on
+any of them."""
 
 
 def encoder_spec(zoo: Zoo) -> str:
@@ -112,11 +95,11 @@ def retrieval(
     """Top-1, top-5 and mAP of text, image and sketch queries for every GAN slice, among the indexed
     image models of `family` (all image families when None), each version summarised by its mixture or
     by its single Gaussian (`summary`). Image queries are drawn as the world draws them ("image") and on
-    the held-out backgrounds ("image:white", ...)."""
+    the `QUERY_BACKDROPS` ("image:white", ...)."""
     names = {s: f"shapes-gan-{s[0]}-{s[1]}" for s in slices}
     total = len(zoo.search(like=[names[slices[0]]], top_k=1000, family=family))
     search = lambda **query: zoo.search(top_k=total, family=family, summary=summary, **query)  # noqa: E731
-    kinds = ("text", "image", *(f"image:{b}" for b in HELD_OUT_BACKGROUNDS), "sketch")
+    kinds = ("text", "image", *(f"image:{b}" for b in QUERY_BACKDROPS), "sketch")
     results = {kind: RetrievalScores() for kind in kinds}
     rng_seed = seed + 7919
     for colour, shape in slices:
@@ -126,9 +109,9 @@ def retrieval(
         results["text"].add(_rank(search(text=[caption(specs[0])]), {model}, total + 1))
         for spec in specs:
             results["image"].add(_rank(search(image=[draw(spec, QUERY_RESOLUTION)]), {model}, total + 1))
-            for backdrop in HELD_OUT_BACKGROUNDS:
-                hits = search(image=[draw_on(spec, backdrop)])
-                results[f"image:{backdrop}"].add(_rank(hits, {model}, total + 1))
+            for style in QUERY_BACKDROPS:
+                hits = search(image=[draw(spec, QUERY_RESOLUTION, backdrop(style, QUERY_RESOLUTION))])
+                results[f"image:{style}"].add(_rank(hits, {model}, total + 1))
             same_shape = {names[s] for s in slices if s[1] == shape}
             sketch_hits = search(sketch=[sketch(spec, QUERY_RESOLUTION)])
             results["sketch"].add(_rank(sketch_hits, same_shape, total + 1))

@@ -10,6 +10,8 @@ Drawing conventions, which the meters rely on:
   black or white) leaves room on both sides for noise, so a generator's or the test's noise is not
   clipped into a biased, tinted background, and it is zero after the usual [-1, 1] scaling, which tiny
   generators learn first.
+- `backdrop` draws other achromatic backgrounds (white, black, noise, gradients, a checkerboard): not the
+  world's, but the styles a user's query may come in, for the embedder to learn to look past.
 - Every colour is highly saturated (chroma about 200 of 255) and colours differ in hue by at least 30
   degrees, so the meters separate foreground from background by chroma and name colours by hue.
 - Every shape is regular with at least three-fold symmetry, so its second moments are isotropic under
@@ -133,25 +135,59 @@ def coverage(spec: ShapeSpec, resolution: int = 32) -> np.ndarray:
     return np.asarray(small, dtype=np.float32) / 255.0
 
 
-def _composite(alpha: np.ndarray, colours: Sequence[str]) -> np.ndarray:
-    """Blend per-image colours over the background; alpha is (N, H, W), result uint8 (N, H, W, 3)."""
+BACKDROPS: tuple[str, ...] = ("grey", "white", "black", "noise", "gradient", "checkerboard")
+
+
+def backdrop(name: str, resolution: int = 32, rng: np.random.Generator | None = None) -> np.ndarray:
+    """An achromatic background (H, W, 3) float32 in [0, 255], so that the shape's colour stays the only hue:
+    the world's `grey`; `white`; `black`; `noise` (per-pixel grey around a random level); `gradient` (a ramp
+    between two random greys at a random angle); `checkerboard` (4-pixel light and dark squares). The
+    random ones draw from `rng` (a fixed seed when None)."""
+    rng = rng if rng is not None else np.random.default_rng(0)
+    shape = (resolution, resolution)
+    if name == "grey":
+        grey = np.full(shape, float(BACKGROUND[0]), np.float32)
+    elif name == "white":
+        grey = np.full(shape, 255.0, np.float32)
+    elif name == "black":
+        grey = np.zeros(shape, np.float32)
+    elif name == "noise":
+        grey = rng.uniform(40, 215) + rng.normal(0, 40, shape)
+    elif name == "gradient":
+        angle = rng.uniform(0, 2 * math.pi)
+        y, x = (np.indices(shape) + 0.5) / resolution - 0.5
+        ramp = 0.5 + (x * math.cos(angle) + y * math.sin(angle)) / math.sqrt(2)  # 0 .. 1 across the image
+        start, end = rng.uniform(0, 255, 2)
+        grey = start + (end - start) * ramp
+    elif name == "checkerboard":
+        grey = 48 + 160 * (np.add.outer(np.arange(resolution) // 4, np.arange(resolution) // 4) % 2)
+    else:
+        raise BadInput(f"unknown backdrop {name!r}; choose one of {', '.join(BACKDROPS)}")
+    return np.repeat(np.clip(grey, 0, 255).astype(np.float32)[..., None], 3, axis=2)
+
+
+def _composite(alpha: np.ndarray, colours: Sequence[str], backgrounds: np.ndarray | None = None) -> np.ndarray:
+    """Blend per-image colours over the world's background, or over `backgrounds` (N, H, W, 3); alpha is
+    (N, H, W), result uint8 (N, H, W, 3)."""
     fg = np.array([RGB[c] for c in colours], dtype=np.float32)[:, None, None, :]
-    bg = np.array(BACKGROUND, dtype=np.float32)
+    bg = np.array(BACKGROUND, dtype=np.float32) if backgrounds is None else backgrounds
     a = alpha[..., None]
     return np.rint(bg * (1 - a) + fg * a).astype(np.uint8)
 
 
-def draw(spec: ShapeSpec, resolution: int = 32) -> np.ndarray:
-    """The shape in its colour on the grey background, uint8 (H, W, 3)."""
-    return _composite(coverage(spec, resolution)[None], [spec.colour])[0]
+def draw(spec: ShapeSpec, resolution: int = 32, background: np.ndarray | None = None) -> np.ndarray:
+    """The shape in its colour on the grey background (or on `background`, see `backdrop`), uint8 (H, W, 3)."""
+    behind = None if background is None else background[None]
+    return _composite(coverage(spec, resolution)[None], [spec.colour], behind)[0]
 
 
-def sketch(spec: ShapeSpec, resolution: int = 32) -> np.ndarray:
-    """A black outline of the shape on white, uint8 (H, W, 3): what a user would draw as a query."""
+def sketch(spec: ShapeSpec, resolution: int = 32, stroke: float = 1.5) -> np.ndarray:
+    """A black outline of the shape on white, uint8 (H, W, 3): what a user would draw as a query. `stroke`
+    is the line width in pixels at 32 x 32 (scaled with `resolution`); the default 1.5 is thin enough to be
+    a line and thick enough to survive the box filter."""
     big = resolution * SUPERSAMPLE
     canvas = Image.new("L", (big, big), 255)
-    # About 1.5 px at the final resolution: thin enough to be a line, thick enough to survive the box filter.
-    width = max(SUPERSAMPLE, round(1.5 * SUPERSAMPLE * resolution / 32))
+    width = max(SUPERSAMPLE, round(stroke * SUPERSAMPLE * resolution / 32))
     points = outline(spec, big)
     ImageDraw.Draw(canvas).line([*points, points[0], points[1]], fill=0, width=width, joint="curve")
     small = np.asarray(canvas.resize((resolution, resolution), Image.Resampling.BOX))
@@ -206,12 +242,12 @@ def sample_specs(
     ]
 
 
-def render(specs: Sequence[ShapeSpec], resolution: int = 32) -> np.ndarray:
-    """Draw many specs at once, uint8 (N, H, W, 3)."""
+def render(specs: Sequence[ShapeSpec], resolution: int = 32, backgrounds: np.ndarray | None = None) -> np.ndarray:
+    """Draw many specs at once, uint8 (N, H, W, 3), on the grey background or on `backgrounds` (N, H, W, 3)."""
     if not specs:
         return np.zeros((0, resolution, resolution, 3), dtype=np.uint8)
     alpha = np.stack([coverage(s, resolution) for s in specs])
-    return _composite(alpha, [s.colour for s in specs])
+    return _composite(alpha, [s.colour for s in specs], backgrounds)
 
 
 def dataset(

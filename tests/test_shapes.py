@@ -71,6 +71,33 @@ def test_draw_paints_the_colour_on_the_grey_background():
     assert tuple(image[16, 16]) == RGB["blue"]
 
 
+@pytest.mark.parametrize("name", shapes.BACKDROPS)
+def test_backdrops_are_grey_so_the_shape_keeps_its_colour(name):
+    background = shapes.backdrop(name, 32, np.random.default_rng(1))
+    assert background.shape == (32, 32, 3) and background.dtype == np.float32
+    assert background.min() >= 0 and background.max() <= 255
+    assert all(np.array_equal(background[..., 0], background[..., c]) for c in (1, 2))
+    image = shapes.draw(ShapeSpec("square", "blue", 0.5, 0.5, 0.7), 32, background)
+    assert tuple(image[16, 16]) == RGB["blue"]
+    assert tuple(image[0, 0]) == tuple(np.rint(background[0, 0]).astype(np.uint8))
+
+
+def test_random_backdrops_vary_with_the_generator_and_the_fixed_ones_do_not():
+    levels = {name: shapes.backdrop(name, 32, np.random.default_rng(2))[..., 0] for name in shapes.BACKDROPS}
+    assert levels["white"].min() == 255 and levels["black"].max() == 0 and np.all(levels["grey"] == BACKGROUND[0])
+    assert set(np.unique(levels["checkerboard"])) == {48, 208}
+    assert levels["noise"].std() > 20
+    ramp = levels["gradient"]
+    corners = sorted([ramp[0, 0], ramp[0, -1], ramp[-1, 0], ramp[-1, -1]])
+    assert corners[-1] - corners[0] > 1  # a ramp, not a flat grey
+    for name in ("noise", "gradient"):
+        again = shapes.backdrop(name, 32, np.random.default_rng(2))[..., 0]
+        other = shapes.backdrop(name, 32, np.random.default_rng(3))[..., 0]
+        assert np.array_equal(again, levels[name]) and not np.array_equal(other, levels[name])
+    with pytest.raises(BadInput, match="checkerboard"):
+        shapes.backdrop("plaid", 32)
+
+
 def test_edges_are_anti_aliased():
     image = shapes.draw(ShapeSpec("circle", "red", 0.5, 0.5, 0.6), resolution=32)
     distinct = {tuple(p) for p in image.reshape(-1, 3)}
@@ -118,6 +145,12 @@ def test_sketch_is_a_dark_outline_on_white():
     assert tuple(drawing[32, 32]) == (255, 255, 255)
     assert drawing[32, 6:10].min() < 60
     assert (drawing < 128).mean() < 0.25
+
+
+def test_sketch_strokes_are_as_wide_as_asked():
+    spec = ShapeSpec("circle", "green", 0.5, 0.5, 0.8)
+    inked = [(shapes.sketch(spec, 32, stroke) < 128).mean() for stroke in (1.0, 1.5, 3.0)]
+    assert inked[0] < inked[1] < inked[2] and inked[2] > 1.6 * inked[0]
 
 
 def test_invalid_specs_are_rejected_with_the_choices():
