@@ -219,8 +219,16 @@ def choose_modality(registry: Registry, query: SearchQuery, filters: SearchFilte
 class QueryPart:
     name: str
     vector: np.ndarray  # what FAISS searches with: a feature, or a model's normalised mean
-    kind: str  # text | image | model
+    kind: str  # text | sketch | image | model
     mixture: Mixture | None = None
+
+
+SIMILARITY_KINDS = ("text", "sketch")
+"""Query parts scored by the moment-generating score log E[exp(tau q.x)], a soft maximum of the query's
+similarity to the model's samples: a caption or a sketch describes what the samples look like without
+being one of them. The log-density asks whether the model could have drawn the query itself, which for a
+sketch (an outline on white, far from every model's samples) ranks models by their breadth: on the full
+shapes world the density put the sketch's GANs in the top 5 for 0.89 of sketches, the similarity for all."""
 
 
 def _encode(
@@ -240,7 +248,7 @@ def _encode(
         if images:
             assert encoder is not None
             for i, feature in enumerate(encoder.encode_images(np.stack([_same_size(im, images[0]) for im in images]))):
-                parts.append(QueryPart(f"{label}:{i}", feature, "image"))
+                parts.append(QueryPart(f"{label}:{i}", feature, label))
     for ref in query.like:
         found, mixture = _model_embedding(registry, ref, encoder_hash)
         if found != modality:
@@ -266,7 +274,7 @@ def score_parts(
     if summary == "gaussian":
         single = batch.collapsed()
         for part in parts:
-            if part.kind == "text":
+            if part.kind in SIMILARITY_KINDS:
                 scores[part.name] = text_scores(single, part.vector, tau)
             elif part.kind == "image":
                 scores[part.name] = density_scores(single, part.vector)
@@ -275,7 +283,7 @@ def score_parts(
                 scores[part.name] = -frechet_distances(part.mixture.collapsed(), single)
         return scores
     for part in parts:
-        if part.kind == "text":
+        if part.kind in SIMILARITY_KINDS:
             scores[part.name] = mixture_text_scores(batch, part.vector, tau)
         elif part.kind == "image":
             scores[part.name] = mixture_density_scores(batch, part.vector)
@@ -338,7 +346,7 @@ def rank_candidates(
     summary: str = "mixture",
 ) -> Ranking:
     """FAISS candidates for every part, reranked exactly by the sum of the parts' moment scores."""
-    vectors = [search_vector(p.vector, tau if p.kind == "text" else None) for p in parts]
+    vectors = [search_vector(p.vector, tau if p.kind in SIMILARITY_KINDS else None) for p in parts]
     positions = index.candidates(np.stack(vectors), pool, allowed)
     if len(positions) == 0:
         empty = np.zeros(0)

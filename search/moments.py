@@ -14,9 +14,10 @@ mixture sum_k w_k N(mu_k, Sigma_k) (`Mixture`; one component per index prompt fo
 models, k-means with K chosen by BIC otherwise), and a single Gaussian is the K = 1 mixture.
 
 The scores, all "higher is better" and all log-scale so that several queries add up:
-- text: the log moment-generating function log E[exp(tau q.x)], tau CLIP's logit scale; for a Gaussian
-  tau q.mu + tau^2/2 q^T Sigma q, for a mixture log sum_k w_k exp(tau q.mu_k + tau^2/2 q^T Sigma_k q);
-- image or sketch: the log-density, log sum_k w_k N(q; mu_k, Sigma_k + eps I), eps = 1e-3 as Modelverse;
+- text or sketch: the log moment-generating function log E[exp(tau q.x)], tau CLIP's logit scale; for a
+  Gaussian tau q.mu + tau^2/2 q^T Sigma q, for a mixture log sum_k w_k exp(tau q.mu_k + tau^2/2 q^T Sigma_k q)
+  (Modelverse scores sketches as images; search/engine.py `SIMILARITY_KINDS` says why they are not here);
+- image: the log-density, log sum_k w_k N(q; mu_k, Sigma_k + eps I), eps = 1e-3 as Modelverse;
 - another model: minus the Frechet distance between two Gaussians, or minus `matched_frechet` between
   two mixtures.
 """

@@ -111,11 +111,12 @@ def test_rerank_over_a_flat_index_equals_brute_force_scoring(zoo: modelzoo.Zoo, 
         store_embedding(zoo.registry, version_id, _Encoder("fake", "f" * 64), spec, m, "", 0.0)
     q = rng.normal(size=d)
     q /= np.linalg.norm(q)
-    query = engine.SearchQuery(texts=("q",), images=(np.zeros((4, 4, 3), np.uint8),))
+    blank = np.zeros((4, 4, 3), np.uint8)
+    query = engine.SearchQuery(texts=("q",), images=(blank,), sketches=(blank,))
     hits = engine.search(zoo.registry, query, "f" * 64, FixedEncoder(q), top_k=1, candidates=n, tau=3.0)
     stored = [_roundtrip(m) for m in moments]
-    brute = [
-        3.0 * q @ m.mean + 4.5 * q @ m.covariance() @ q
+    brute = [  # the text and the sketch by the moment-generating score, the image by its density
+        2 * (3.0 * q @ m.mean + 4.5 * q @ m.covariance() @ q)
         + multivariate_normal(m.mean, m.covariance() + 1e-3 * np.eye(d)).logpdf(q)
         for m in stored
     ]
@@ -282,3 +283,4 @@ def test_text_candidates_account_for_weight_and_variance_not_only_the_mean(tmp_p
     assert exact.positions[exact.order[0]] == 1
     assert engine.rank_candidates(index, [engine.QueryPart("t", q, "text")], 1, tau).positions.tolist() == [1]
     assert engine.rank_candidates(index, [engine.QueryPart("i", q, "image")], 1, tau).positions.tolist() == [0]
+    assert engine.rank_candidates(index, [engine.QueryPart("s", q, "sketch")], 1, tau).positions.tolist() == [1]
