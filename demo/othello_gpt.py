@@ -68,7 +68,7 @@ class OthelloProfile:
 
 
 PROFILES: dict[str, OthelloProfile] = {
-    "full": OthelloProfile(steps=3500, batch_size=32, warmup=100, threads=2),
+    "full": OthelloProfile(steps=7000, batch_size=32, warmup=100, threads=2),
     "quick": OthelloProfile(steps=60, batch_size=32, lr=3e-3, warmup=10, n_embd=64, n_layer=2, n_head=2,
                             eval_games=100, curve_points=2, curve_games=50),
 }
