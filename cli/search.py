@@ -35,8 +35,8 @@ def index(
     prompts_file: Annotated[Path | None, typer.Option("--prompts", help="A file of prompts, one per line.")] = None,
     rank: Annotated[int, typer.Option(help="Covariance eigenpairs kept (plus the diagonal).")] = DEFAULT_RANK,
     components: Annotated[int, typer.Option(
-        help="Most mixture components per version, K chosen by BIC (1: one Gaussian); prompted models get one "
-             "per prompt.")] = DEFAULT_COMPONENTS,
+        help="Most mixture components per version, K chosen by held-out likelihood (1: one Gaussian); prompted "
+             "models get one per prompt.")] = DEFAULT_COMPONENTS,
     rebuild: Annotated[bool, typer.Option(
         help="Sample indexed versions again with their stored spec and replace their moments.")] = False,
     steps: Annotated[int | None, typer.Option(help="Denoising steps for diffusion sampling.")] = None,

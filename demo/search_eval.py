@@ -31,7 +31,9 @@ from modelzoo.search.engine import SearchHit
 from modelzoo.search.indexer import IndexedVersion
 
 GAN_SAMPLES = {"full": 128, "quick": 32}
-DIFFUSION_SAMPLES = {"full": 96, "quick": 32}
+DIFFUSION_SAMPLES = {"full": 512, "quick": 32}
+"""The full world's 16 captions get 32 samples each: from 6 a caption, each component's Gaussian tail
+inflated its text score above the GAN of that caption."""
 DIFFUSION_STEPS = 20
 LM_SAMPLES = {"full": 32, "quick": 8}
 QUERY_RESOLUTION = 32

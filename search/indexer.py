@@ -7,7 +7,8 @@ The components, at most `max_components` (`zoo index --components`, 1 for the pa
 - a text-conditional model (diffusion, LM) sampled with two or more prompts, each with at least two
   samples: one component per prompt, weighted by its share of the samples, whatever `max_components`
   (above 1) says, since the prompts are the clusters the user asked for;
-- otherwise (GANs, one prompt): K from 1 to `max_components` chosen by BIC over k-means clusterings.
+- otherwise (GANs, one prompt): K from 1 to `max_components` chosen by held-out likelihood over k-means
+  clusterings (`fit_mixture`).
 The mixture becomes one `embeddings` row, stored with the sample spec that made it and the modality
 (images or texts). Indexing is incremental: a version that already has an embedding for this encoder and
 this spec is skipped, so re-running `zoo index` after an import or an edit samples only the new
@@ -217,7 +218,8 @@ def index_version(
 
 
 def summarise(features: np.ndarray, groups: np.ndarray, rank: int, max_components: int) -> Mixture:
-    """The mixture rule of the module docstring: per prompt group, else K by BIC up to max_components."""
+    """The mixture rule of the module docstring: per prompt group, else K by held-out likelihood up to
+    max_components."""
     labels, counts = np.unique(groups, return_counts=True)
     if max_components > 1 and len(labels) >= 2 and counts.min() >= 2:
         return grouped_mixture(features, groups, rank)

@@ -148,7 +148,7 @@ def test_mixture_density_equals_the_dense_mixture_density() -> None:
         assert score == pytest.approx(np.log(dense), rel=1e-5)
 
 
-def test_bic_finds_two_clusters_and_keeps_one_gaussian_for_one() -> None:
+def test_held_out_likelihood_finds_two_clusters_and_keeps_one_gaussian_for_one() -> None:
     rng = np.random.default_rng(8)
     assert fit_mixture(_two_cluster_features(rng), rank=2, max_components=4).components == 2
     gaussian = rng.normal(size=(300, 16)) @ (rng.normal(size=(16, 16)) * 0.05) + rng.normal(size=16)
