@@ -156,6 +156,25 @@ def test_held_out_likelihood_finds_two_clusters_and_keeps_one_gaussian_for_one()
     assert fit_mixture(_two_cluster_features(rng), rank=2, max_components=1).components == 1
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_few_samples_of_tight_clusters_still_get_components_whose_text_score_follows_the_samples(seed: int) -> None:
+    """128 samples of three tight clusters at d = 64, rank 16, as a GAN of the shapes world is indexed. BIC
+    keeps one Gaussian there (each component costs some 1,030 parameters), whose variance term puts the
+    text score at a cluster's centre 16 or more above log mean exp(tau q.x) over the samples themselves."""
+    rng = np.random.default_rng(seed)
+    tau = 15.0
+    centres = rng.normal(size=(3, 64))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = centres[rng.integers(0, 3, 128)] * 0.8 + rng.normal(size=(128, 64)) * 0.02
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    fitted = MixtureBatch.of([fit_mixture(x, rank=16, max_components=8)])
+    single = MixtureBatch.of([mixture_of([moments_of(x, 16)], [len(x)])])
+    for q in centres:
+        over_the_samples = np.log(np.mean(np.exp(tau * x @ q)))
+        assert mixture_text_scores(fitted, q, tau)[0] == pytest.approx(over_the_samples, abs=0.1)
+        assert mixture_text_scores(single, q, tau)[0] > over_the_samples + 10
+
+
 def test_frechet_bound_is_above_the_exact_distance_and_zero_on_itself() -> None:
     rng = np.random.default_rng(9)
     models = [moments_of(_features(rng, spread=s), rank=4) for s in (0.2, 0.5, 0.9)]
