@@ -44,9 +44,9 @@ models trained with seeds 3-5, squares and triangles, and checked in the tests o
 - `preserve` adds that term. Holding only the kept colours was not enough (erasing red at lr 1e-4 took
   green and yellow to 0% on one model: guidance amplifies the drift of the unconditional prediction), so
   the empty prompt is held too. With it, red left after erasure / lowest other colour kept, on the three
-  selection models: lr 3e-5 x 400 steps 0% / 100%, 28% / 100% (before the empty prompt was held), 0% /
+  selection models: lr 3e-5 x 400 steps 0% / 100%, 6% / 97%, 0% /
   100%; x 600 0% / 100%, 6% / 97%, 19% / 13%; lr 1e-4 x 200 0% / 100%, 6% / 97%, 0% / 50%; lr 3e-4 x 200
-  0% / 100%, 0% / 100%, 0% / 0%. No setting held on all three; 3e-5 x 400 held on two and was taken.
+  0% / 100%, 0% / 100%, 0% / 0%. Only 3e-5 x 400 held on all three, and it was taken.
 - It carried over to two of the three test models (seeds 0-2, circles): red fell by 0% on seed 0 and by
   100% on seeds 1 and 2, every other colour kept at 100%; and on the full world's diffusion
   model the same setting erased no colour at all (each of red, green, blue and yellow stayed at 100%),
@@ -57,6 +57,12 @@ models trained with seeds 3-5, squares and triangles, and checked in the tests o
   (squared norm 330-380), but 0.5 to 1.5 at t 440-680 (norm 8-57), and red fell by 6%. The paper's loss
   is one mean over all x_t, so those noisiest steps dominate its gradient. Dividing each x_t's error by
   its own signal instead did not help: on selection model 5 it took green to 0% after 100 steps.
+- Three re-weightings of that mean were measured at 3e-5 x 400 (red left; lowest other colour kept) and
+  none was kept. The paper's error in epsilon rather than in v (weight alpha_bar_t, which silences the
+  noisiest steps): 0% / 100% on model 3, 100% / 100% on model 4, 44% / 100% on model 5, where the loss in
+  v gives 0%, 6%, 0%. Each x_t's error over its own signal, scaled to the same size: red 100% on model 6
+  (a fourth selection model that keeps red like test model 0: 81% in v) and green at 44% on model 5.
+  `preserve_weight` 5 at lr 1e-4 and 3e-4: green to 69% and 56%, blue to 0% on model 5.
 - The pull does not predict the colour across models either, so `until` is a stopping point to read, not
   a guarantee: red fell by 56% / 94% / 97% at pull 0.60 / 0.38 / 0.32 on model 4 and by 100% at 0.52 on
   model 5, but by 6% at 0.30 on model 0.
