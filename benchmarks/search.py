@@ -189,7 +189,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000, 1_000_000])
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--dim", type=int, default=DIM)
-    parser.add_argument("--candidates", type=int, nargs="+", default=[DEFAULT_CANDIDATES], help="FAISS hits reranked")
+    parser.add_argument("--candidates", type=int, nargs="+", default=[DEFAULT_CANDIDATES],
+                        help="components reranked per query (versions are taken whole)")
     parser.add_argument("--components", type=int, default=8, help="most components of a mixture model")
     parser.add_argument("--summaries", nargs="+", choices=("gaussian", "mixture"), default=["gaussian", "mixture"])
     parser.add_argument("--queries", type=int, default=100)

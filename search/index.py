@@ -99,8 +99,12 @@ class MomentIndex:
         return first + np.arange(int(counts.sum()))
 
     def candidates(self, vectors: np.ndarray, k: int, allowed: np.ndarray | None = None) -> np.ndarray:
-        """Row positions of the versions owning the `k` best components by inner product with each (d + 2)
-        query vector (`search_vector`; at most k versions each), restricted to the positions in `allowed`."""
+        """Sorted row positions of the versions to rerank for (d + 2) query `vectors` (`search_vector`),
+        restricted to the positions in `allowed`: the owners of the `k` best components by inner product
+        with each vector, taken best first until their components number k per vector. The budget is
+        counted in components because reranking reads and scores every component of a version: counted in
+        versions, a mixture index (K up to 8) reranked 5.5 times the components of a single-Gaussian one
+        and took 2.5 times as long."""
         if len(self) == 0 or k < 1:
             return np.zeros(0, np.int64)
         params = None
@@ -124,9 +128,13 @@ class MomentIndex:
             _, ids = self.faiss_index.search(queries, min(k, len(self.means)), params=params)
         finally:
             faiss.omp_set_num_threads(threads)
-        found = ids[ids >= 0]
-        # sorted: memory-mapped reads go in file order
-        return np.unique(np.searchsorted(self.starts, found, side="right") - 1).astype(np.int64)
+        found = ids.T.ravel()  # every vector's best hit, then every vector's second, ...
+        owners = np.searchsorted(self.starts, found[found >= 0], side="right") - 1
+        _, first = np.unique(owners, return_index=True)
+        ranked = owners[np.sort(first)]
+        counts = self.starts[ranked + 1] - self.starts[ranked]
+        taken = ranked[np.cumsum(counts) - counts < k * len(queries)]
+        return np.sort(taken).astype(np.int64)  # memory-mapped reads go in file order
 
     def moments(self, positions: np.ndarray) -> MixtureBatch:
         """The mixtures at sorted row `positions`, reading only their rows of the memory-mapped arrays."""

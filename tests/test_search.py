@@ -284,3 +284,27 @@ def test_text_candidates_account_for_weight_and_variance_not_only_the_mean(tmp_p
     assert engine.rank_candidates(index, [engine.QueryPart("t", q, "text")], 1, tau).positions.tolist() == [1]
     assert engine.rank_candidates(index, [engine.QueryPart("i", q, "image")], 1, tau).positions.tolist() == [0]
     assert engine.rank_candidates(index, [engine.QueryPart("s", q, "sketch")], 1, tau).positions.tolist() == [1]
+
+
+def test_the_rerank_budget_counts_components_so_mixtures_rerank_no_more_than_single_gaussians(tmp_path: Path) -> None:
+    """Six versions of 4 components: one near the query (version 5 nearest, then 0, 1, ... 4) and three far
+    away. The 8 best components belong to all six versions; the budget of 8 components takes the nearest
+    versions until their components number 8, and each query vector brings its own budget."""
+    from modelzoo.search.index import Fingerprint, write_index
+
+    d, versions, k = 16, 6, 4
+    rng = np.random.default_rng(0)
+    q, other = np.eye(d)[0], np.eye(d)[1]
+    means = np.abs(rng.normal(size=(versions, k, d))) * (np.arange(d) >= 2)  # the far components
+    for v, offset in enumerate([0.3, 0.5, 0.7, 0.9, 1.1, 0.0]):
+        means[v, 0] = q + offset * other
+    means = (means / np.linalg.norm(means, axis=-1, keepdims=True)).reshape(-1, d).astype(np.float32)
+    n = versions * k
+    index = write_index(tmp_path / "i", "h", "images", Fingerprint(versions, versions, 21), np.arange(1, versions + 1),
+                        np.arange(0, n + 1, k), np.full(n, np.log(1 / k)), means, np.zeros((n, d, 0), np.float32),
+                        np.full((n, d), 1e-4, np.float32))
+    search = lambda *vectors: np.stack([np.concatenate([v, [0, 0]]) for v in vectors])  # noqa: E731
+    assert index.candidates(search(q), 8).tolist() == [0, 5]
+    assert index.candidates(search(q), 5).tolist() == [0, 5]  # the version that crosses the budget is kept
+    assert index.candidates(search(q), 4).tolist() == [5]
+    assert index.candidates(search(q, other), 4).tolist() == [4, 5]
