@@ -47,6 +47,8 @@ CONCEPTS = 2000
 TAU = 100.0
 CHUNK = 100_000
 """Components generated or scored per step (bounded temporaries at 10^6 models)."""
+SAMPLES = 128
+"""Samples behind each synthetic model, shared among its components by weight (as `zoo index` samples)."""
 
 
 def synthetic_models(
@@ -122,7 +124,7 @@ def build(n: int, rank: int, max_components: int, dim: int, work: Path) -> tuple
     starts, log_weights, means, factors, diags = synthetic_models(n, rank, max_components, directory, dim)
     started = time.perf_counter()
     index = write_index(directory / "index", "bench", "images", Fingerprint(n, n, n), np.arange(1, n + 1), starts,
-                        log_weights, means, factors, diags)
+                        log_weights, means, factors, diags, np.exp(log_weights) * SAMPLES)
     build_s = time.perf_counter() - started
     del means, factors, diags
     for name in ("m.npy", "f.npy", "d.npy"):

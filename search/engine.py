@@ -166,9 +166,10 @@ def rebuild_index(registry: Registry, encoder_hash: str, modality: str, expected
     batch = MixtureBatch.of(mixtures)
     starts = np.concatenate([[0], np.cumsum([m.components for m in mixtures])])
     c = batch.components
+    assert c.samples is not None  # MixtureBatch.of counts each component's samples
     return write_index(
         index_dir(registry, encoder_hash, modality), encoder_hash, modality, expected, ids, starts,
-        batch.log_weights.numpy(), c.mean.numpy(), c.factor.numpy(), c.diag.numpy(),
+        batch.log_weights.numpy(), c.mean.numpy(), c.factor.numpy(), c.diag.numpy(), c.samples.numpy(),
     )
 
 

@@ -12,6 +12,7 @@ moments memory-mapped.
         diags.npy      (N, d) float32
         chols.npy      (N, r, r) float32  Cholesky factors for the log-density (moments.woodbury)
         logdets.npy    (N,) float64   log det(Sigma + eps I) for the log-density
+        samples.npy    (N,) float64   how many samples each component was fitted from (its text score's reach)
         index.faiss
 
 Images and texts have separate indexes: CLIP's image and text features lie in different regions (the
@@ -52,7 +53,7 @@ from modelzoo.search.moments import MixtureBatch, woodbury
 FLAT_LIMIT = 50_000
 DEFAULT_NPROBE = 24
 TRAIN_POINTS_PER_LIST = 64
-INDEX_FORMAT = 3
+INDEX_FORMAT = 4
 WEIGHT_SCALE = 0.01
 
 
@@ -76,6 +77,7 @@ class MomentIndex:
     diags: np.ndarray
     chols: np.ndarray
     logdets: np.ndarray
+    samples: np.ndarray
     faiss_index: faiss.Index
     fingerprint: Fingerprint
     kind: str
@@ -142,7 +144,7 @@ class MomentIndex:
         owner = np.repeat(np.arange(len(positions)), self.starts[positions + 1] - self.starts[positions])
         return MixtureBatch.from_arrays(self.means[comps], self.factors[comps], self.diags[comps],
                                         self.log_weights[comps], owner, len(positions), self.chols[comps],
-                                        self.logdets[comps])
+                                        self.logdets[comps], self.samples[comps])
 
     def positions_of(self, embedding_ids: np.ndarray) -> np.ndarray:
         """Row positions of those of `embedding_ids` that the index holds."""
@@ -218,6 +220,7 @@ def write_index(
     means: np.ndarray,
     factors: np.ndarray,
     diags: np.ndarray,
+    samples: np.ndarray,
 ) -> MomentIndex:
     """Write a complete index next to `directory`, then move it into place: `rows` (n,) embedding ids,
     `starts` (n + 1,) their components' offsets into the (N, ...) component arrays."""
@@ -240,6 +243,7 @@ def write_index(
         _write_npy(staging / "weights.npy", np.asarray(log_weights, dtype=np.float64))
         _write_npy(staging / "means.npy", means)
         _write_npy(staging / "diags.npy", np.asarray(diags, dtype=np.float32))
+        _write_npy(staging / "samples.npy", np.asarray(samples, dtype=np.float64))
         faiss.write_index(index, str(staging / "index.faiss"))
         meta = {
             "format": INDEX_FORMAT, "encoder_hash": encoder_hash, "modality": modality, "kind": kind,
@@ -262,7 +266,7 @@ def write_index(
 
 INDEX_FILES = (
     "meta.json", "rows.npy", "starts.npy", "weights.npy", "means.npy", "factors.npy", "diags.npy", "chols.npy",
-    "logdets.npy", "index.faiss",
+    "logdets.npy", "samples.npy", "index.faiss",
 )
 _opened: dict[Path, tuple[tuple[tuple[int, int, int], ...], MomentIndex]] = {}
 """Indexes already read by this process, with the state of their files when read: a long-lived process
@@ -309,6 +313,7 @@ def _read_index(directory: Path, encoder_hash: str, modality: str) -> MomentInde
         diags = np.load(directory / "diags.npy", mmap_mode="r", allow_pickle=False)
         chols = np.load(directory / "chols.npy", mmap_mode="r", allow_pickle=False)
         logdets = np.load(directory / "logdets.npy", mmap_mode="r", allow_pickle=False)
+        samples = np.load(directory / "samples.npy", allow_pickle=False)
         index = faiss.read_index(str(directory / "index.faiss"))
     except (OSError, ValueError, RuntimeError, json.JSONDecodeError):
         return None
@@ -317,6 +322,7 @@ def _read_index(directory: Path, encoder_hash: str, modality: str) -> MomentInde
         means.ndim == 2 and factors.ndim == 3 and diags.shape == means.shape and starts.shape == (n + 1,)
         and log_weights.shape == (N,) and len(factors) == N and factors.shape[1] == means.shape[1]
         and chols.shape == (N, factors.shape[2], factors.shape[2]) and logdets.shape == (N,)
+        and samples.shape == (N,)
         and index.ntotal == N and index.d == means.shape[1] + 2 and meta.get("count") == n and n > 0
         and starts[0] == 0 and starts[-1] == N
         and bool(np.all(np.diff(starts) > 0))
@@ -325,4 +331,4 @@ def _read_index(directory: Path, encoder_hash: str, modality: str) -> MomentInde
         return None
     fingerprint = Fingerprint(*meta["fingerprint"])
     return MomentIndex(directory, encoder_hash, modality, rows, starts, log_weights, means, factors, diags, chols,
-                       logdets, index, fingerprint, meta["kind"])
+                       logdets, samples, index, fingerprint, meta["kind"])

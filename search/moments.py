@@ -16,7 +16,8 @@ models, k-means with K chosen by held-out likelihood otherwise), and a single Ga
 The scores, all "higher is better" and all log-scale so that several queries add up:
 - text or sketch: the log moment-generating function log E[exp(tau q.x)], tau CLIP's logit scale; for a
   Gaussian tau q.mu + tau^2/2 q^T Sigma q, for a mixture log sum_k w_k exp(tau q.mu_k + tau^2/2 q^T Sigma_k q)
-  (Modelverse scores sketches as images; search/engine.py `SIMILARITY_KINDS` says why they are not here);
+  (Modelverse scores sketches as images; search/engine.py `SIMILARITY_KINDS` says why they are not here),
+  each component's term kept within the reach of the samples it was fitted from (`text_scores`);
 - image: the log-density, log sum_k w_k N(q; mu_k, Sigma_k + eps I), eps = 1e-3 as Modelverse;
 - another model: minus the Frechet distance between two Gaussians, or minus `matched_frechet` between
   two mixtures.
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import special
 
 DENSITY_EPS = 1e-3
 """Added to Sigma's diagonal for the image score (Modelverse's `modelsearch/retrieval.py`)."""
@@ -86,33 +88,51 @@ class MomentBatch:
     precomputed: the image score then costs O(d r) per model, as the text score does."""
     logdet: torch.Tensor | None = None
     """(C,) log det(Sigma + eps I) at eps = DENSITY_EPS, precomputed with `chol`."""
+    samples: torch.Tensor | None = None
+    """(C,) how many samples each Gaussian was fitted from; the text score then stays within their reach
+    (`text_scores`). None scores the whole Gaussian, as Modelverse does."""
 
     @classmethod
     def of(cls, moments: list[Moments]) -> MomentBatch:
         rank = max((m.rank for m in moments), default=0)
         factors = [np.pad(m.factor, ((0, 0), (0, rank - m.rank))) for m in moments]
         means, diags = np.stack([m.mean for m in moments]), np.stack([m.diag for m in moments])
-        return cls.from_arrays(means, np.stack(factors), diags)
+        return cls.from_arrays(means, np.stack(factors), diags, samples=np.array([m.count for m in moments]))
 
     @classmethod
     def from_arrays(
         cls, mean: np.ndarray, factor: np.ndarray, diag: np.ndarray, chol: np.ndarray | None = None,
-        logdet: np.ndarray | None = None,
+        logdet: np.ndarray | None = None, samples: np.ndarray | None = None,
     ) -> MomentBatch:
         as_float = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float32))  # noqa: E731
+        as_double = lambda a: None if a is None else torch.from_numpy(np.asarray(a, dtype=np.float64))  # noqa: E731
         return cls(as_float(mean), as_float(factor), as_float(diag), None if chol is None else as_float(chol),
-                   None if logdet is None else torch.from_numpy(np.asarray(logdet, dtype=np.float64)))
+                   as_double(logdet), as_double(samples))
 
     def __len__(self) -> int:
         return int(self.mean.shape[0])
 
 
 def text_scores(batch: MomentBatch, query: np.ndarray, tau: float) -> np.ndarray:
-    """log E[exp(tau q.x)] under each model's Gaussian: tau q.mu + tau^2/2 q^T Sigma q."""
+    """log E[exp(tau y)] for y = q.x under each model's Gaussian, y ~ N(m, v): tau m + tau^2/2 v, the
+    Modelverse score. With `batch.samples`, y is the Gaussian truncated where the n samples it was fitted
+    from reach, y <= m + a sqrt(v) with a = sqrt(2 ln n) (about the largest of n standard normal draws):
+
+        tau m + tau^2/2 v + log Phi(a - tau sqrt(v)) - log Phi(a).
+
+    The whole Gaussian's score is carried by its tail around m + tau v, which lies tau sqrt(v) standard
+    deviations out; where that is beyond a, the score rests on samples nobody drew. For tau sqrt(v) >> a
+    the truncated score tends to tau (m + a sqrt(v)) - ln n, what log mean exp(tau y_i) over the samples
+    gives when the best one dominates. A broad component of a diffusion model (tau sqrt(v) 4.3 against a 2.6
+    for 32 samples) outscored the specialist GAN by 1.9 through its variance; truncated, it loses 3 nats."""
     q = torch.from_numpy(np.asarray(query, dtype=np.float32))
     projected = q @ batch.factor  # (C, r); a batched matrix product, 20x faster than the einsum
-    quadratic = projected.pow(2).sum(1) + (batch.diag * q.pow(2)).sum(1)
-    return (tau * (batch.mean @ q) + 0.5 * tau**2 * quadratic).numpy().astype(np.float64)
+    quadratic = (projected.pow(2).sum(1) + (batch.diag * q.pow(2)).sum(1)).double()
+    scores = tau * (batch.mean @ q).double() + 0.5 * tau**2 * quadratic
+    if batch.samples is not None:
+        reach = (2 * batch.samples.clamp_min(2).log()).sqrt()
+        scores = scores + special.log_ndtr(reach - tau * quadratic.sqrt()) - special.log_ndtr(reach)
+    return scores.numpy()
 
 
 def density_scores(batch: MomentBatch, query: np.ndarray, eps: float = DENSITY_EPS) -> np.ndarray:
@@ -325,14 +345,15 @@ class MixtureBatch:
         return cls.from_arrays(
             np.concatenate([m.mean for m in mixtures]), np.concatenate([pad(m.factor) for m in mixtures]),
             np.concatenate([m.diag for m in mixtures]), np.log(np.concatenate([m.weights for m in mixtures])),
-            owner, len(mixtures),
+            owner, len(mixtures), samples=np.concatenate([m.weights * m.count for m in mixtures]),
         )
 
     @classmethod
     def from_arrays(cls, mean: np.ndarray, factor: np.ndarray, diag: np.ndarray, log_weights: np.ndarray,
                     owner: np.ndarray, models: int, chol: np.ndarray | None = None,
-                    logdet: np.ndarray | None = None) -> MixtureBatch:
-        return cls(MomentBatch.from_arrays(mean, factor, diag, chol, logdet),
+                    logdet: np.ndarray | None = None, samples: np.ndarray | None = None) -> MixtureBatch:
+        """`samples` (N,): how many samples each component was fitted from (see `text_scores`)."""
+        return cls(MomentBatch.from_arrays(mean, factor, diag, chol, logdet, samples),
                    torch.from_numpy(np.asarray(log_weights, np.float64)), torch.from_numpy(np.asarray(owner, np.int64)),
                    models)
 
@@ -348,7 +369,8 @@ class MixtureBatch:
         return (top + total.log()).numpy()
 
     def collapsed(self) -> MomentBatch:
-        """Each model's moment-matched single Gaussian (Mixture.collapsed), stacked."""
+        """Each model's moment-matched single Gaussian (Mixture.collapsed), stacked, without sample counts:
+        the paper's summary, scored as the paper does."""
         c = self.components
         w = self.log_weights.exp()
         mean = torch.zeros(self.models, c.mean.shape[1], dtype=torch.float64, device=w.device).index_add(

@@ -9,7 +9,7 @@ import pytest
 import torch
 from cli_helpers import snapshot, zoo_cli
 from PIL import Image
-from scipy.stats import multivariate_normal
+from scipy.stats import multivariate_normal, norm
 from sqlalchemy import select
 
 import modelzoo
@@ -115,9 +115,15 @@ def test_rerank_over_a_flat_index_equals_brute_force_scoring(zoo: modelzoo.Zoo, 
     query = engine.SearchQuery(texts=("q",), images=(blank,), sketches=(blank,))
     hits = engine.search(zoo.registry, query, "f" * 64, FixedEncoder(q), top_k=1, candidates=n, tau=3.0)
     stored = [_roundtrip(m) for m in moments]
+    reach = np.sqrt(2 * np.log(200))  # where 200 samples reach, in standard deviations
+
+    def similarity(m) -> float:  # type: ignore[no-untyped-def]
+        """The moment-generating score of y = q.x ~ N(m, v) truncated at m + reach sqrt(v), tau = 3."""
+        v = q @ m.covariance() @ q
+        return 3.0 * q @ m.mean + 4.5 * v + norm.logcdf(reach - 3.0 * np.sqrt(v)) - norm.logcdf(reach)
+
     brute = [  # the text and the sketch by the moment-generating score, the image by its density
-        2 * (3.0 * q @ m.mean + 4.5 * q @ m.covariance() @ q)
-        + multivariate_normal(m.mean, m.covariance() + 1e-3 * np.eye(d)).logpdf(q)
+        2 * similarity(m) + multivariate_normal(m.mean, m.covariance() + 1e-3 * np.eye(d)).logpdf(q)
         for m in stored
     ]
     best = int(np.argmax(brute))
@@ -278,7 +284,8 @@ def test_text_candidates_account_for_weight_and_variance_not_only_the_mean(tmp_p
     means = np.stack([np.eye(d)[0] * 0.9 + np.eye(d)[1] * 0.1, np.eye(d)[0] * 0.8 + np.eye(d)[1] * 0.2])
     diags = np.stack([np.full(d, 1e-4), np.full(d, 2e-2)]).astype(np.float32)
     index = write_index(tmp_path / "i", "h", "images", Fingerprint(2, 2, 3), np.array([1, 2]), np.array([0, 1, 2]),
-                        np.zeros(2), means.astype(np.float32), np.zeros((2, d, 0), np.float32), diags)
+                        np.zeros(2), means.astype(np.float32), np.zeros((2, d, 0), np.float32), diags,
+                        np.full(2, 128.0))
     exact = engine.rank_candidates(index, [engine.QueryPart("t", q, "text")], 2, tau)
     assert exact.positions[exact.order[0]] == 1
     assert engine.rank_candidates(index, [engine.QueryPart("t", q, "text")], 1, tau).positions.tolist() == [1]
@@ -302,7 +309,7 @@ def test_the_rerank_budget_counts_components_so_mixtures_rerank_no_more_than_sin
     n = versions * k
     index = write_index(tmp_path / "i", "h", "images", Fingerprint(versions, versions, 21), np.arange(1, versions + 1),
                         np.arange(0, n + 1, k), np.full(n, np.log(1 / k)), means, np.zeros((n, d, 0), np.float32),
-                        np.full((n, d), 1e-4, np.float32))
+                        np.full((n, d), 1e-4, np.float32), np.full(n, 32.0))
     search = lambda *vectors: np.stack([np.concatenate([v, [0, 0]]) for v in vectors])  # noqa: E731
     assert index.candidates(search(q), 8).tolist() == [0, 5]
     assert index.candidates(search(q), 5).tolist() == [0, 5]  # the version that crosses the budget is kept
