@@ -46,9 +46,12 @@ from modelzoo.search.moments import (
 
 DEFAULT_CANDIDATES = 400
 """Components reranked exactly per query part (each candidate version with all of its components): a text
-score rewards variance too, so the pool is wide. At 10^5 models (benchmarks/search.py, d 512, 1 thread)
-200 gave mixtures (K up to 8) a text recall@10 of 0.92; 400 gives 0.995 at 1.6x the single-Gaussian
-latency."""
+score rewards variance too, so the pool is wide. benchmarks/search.py, 1 thread, mixtures of K up to 8:
+at 10^5 models (d 512, r 8) 200 gave a text recall@10 of 0.92, 400 gives 1.0 at 1.7x the single
+Gaussian's latency; at 10^6 (d 128, r 4, to fit the disk) 400 gives 0.83 and 1600 gives 0.985 at 2.1x.
+FAISS orders candidates by the mean variance tr(Sigma)/d, and the lower the rank the further q^T Sigma q
+strays from it, so a deeper rerank is needed there (more probed lists did not help: nprobe 96 gave 0.83
+too)."""
 MODALITIES = ("images", "texts")
 """As stored (the sample kind); users say `image` or `text`, and hits say so too."""
 MODALITY_NAMES = {"image": "images", "images": "images", "text": "texts", "texts": "texts"}
