@@ -12,8 +12,10 @@ model then predicts the next move from the edited stream.
 
 The predicted legal moves are the tokens with probability above `threshold`. The error of an
 intervention is the size of the symmetric difference between that set and the edited board's legal
-moves; `baseline_error` is the same for the unedited model (the paper: about 0.1-0.2 after, 2.7 before,
-on its 8-layer model). Random interventions (`batch`) flip one disc of a position of a random game, chosen
+moves; `baseline_error` is the same for the unedited model. The paper counts errors without a threshold:
+of the model's N most likely moves, N the number of the edited board's legal moves, how many are not
+legal there (about 0.1-0.2 after, 2.7 before, on its 8-layer model); that is `top_n_error` and
+`top_n_baseline_error`. Random interventions (`batch`) flip one disc of a position of a random game, chosen
 so that the flip changes the legal moves (otherwise the unedited model would already be right).
 """
 
@@ -212,6 +214,12 @@ def predicted(probs: Tensor, threshold: float) -> list[int]:
     return [MOVE_SQUARES[int(t) - 1] for t in torch.nonzero(probs[1:] > threshold)[:, 0] + 1]
 
 
+def top_n_misses(probs: Tensor, legal: set[str]) -> int:
+    """Of the len(legal) most likely moves, how many are not in `legal` (the paper's error count)."""
+    order = probs[1:].argsort(descending=True)[: len(legal)] + 1
+    return len(legal - set(_names([MOVE_SQUARES[int(t) - 1] for t in order])))
+
+
 def _names(squares: list[int] | int) -> list[str]:
     """Square names in board order, of indices or of a bitboard."""
     return [SQUARES[s] for s in sorted(squares)] if isinstance(squares, list) else squares_of(squares)
@@ -248,7 +256,7 @@ class InterveneAnalyzer:
             readings[f"after_{layer}"] = stored.probes[layer].logits(edits[layer]).argmax(-1)
         before, _ = _next_move_probs(parts, tokens, last, {})
         after, _ = _next_move_probs(parts, tokens, last, edits)
-        errors, baseline, original = [], [], []
+        errors, baseline, original, top_n, top_n_baseline = [], [], [], [], []
         for i, c in enumerate(cases):
             edited_legal, original_legal = set(_names(c.after.legal())), set(_names(c.before.legal()))
             pred_before = set(_names(predicted(before[i], request.threshold)))
@@ -256,11 +264,14 @@ class InterveneAnalyzer:
             errors.append(len(pred_after ^ edited_legal))
             baseline.append(len(pred_before ^ edited_legal))
             original.append(len(pred_before ^ original_legal))
+            top_n.append(top_n_misses(after[i], edited_legal))
+            top_n_baseline.append(top_n_misses(before[i], edited_legal))
         reads_edit = torch.stack([(readings[f"after_{layer}"] == target).all(-1) for layer in layers]).all(0)
         metrics: dict[str, Any] = {
             "layer": stored.layer, "probe": stored.id, "probe_kind": stored.kind, "labels": stored.labels,
             "count": len(cases), "error": float(np.mean(errors)), "baseline_error": float(np.mean(baseline)),
             "original_error": float(np.mean(original)), "probe_reads_edit": float(reads_edit.float().mean()),
+            "top_n_error": float(np.mean(top_n)), "top_n_baseline_error": float(np.mean(top_n_baseline)),
             "threshold": request.threshold,
         }
         first = cases[0]

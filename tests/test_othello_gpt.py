@@ -16,10 +16,10 @@ from transformers import AutoTokenizer
 
 import modelzoo
 from modelzoo.analyses.othello_board import board_labels, next_player
-from modelzoo.analyses.othello_intervene import edit_to_board, random_cases
+from modelzoo.analyses.othello_intervene import edit_to_board, random_cases, top_n_misses
 from modelzoo.analyses.probe import accuracy, fit_probe
 from modelzoo.cli.main import run
-from modelzoo.demo.othello import BLACK, START, WHITE, play, random_games
+from modelzoo.demo.othello import BLACK, MOVE_SQUARES, SQUARES, START, WHITE, play, random_games
 from modelzoo.demo.othello_gpt import OthelloProfile, train_othello_gpt
 
 OPENING = "f5 d6 c3 d3 c4"
@@ -109,6 +109,18 @@ def test_editing_a_residual_makes_the_probe_read_the_edited_board():
     assert (probe.logits(x[:8]).argmax(-1) == target).float().mean() < 1.0
 
 
+def test_top_n_error_counts_legal_moves_missing_from_the_n_most_likely():
+    probs = torch.zeros(61)
+    ranked = ["c4", "d3", "a1", "e6", "f5"]  # most likely first; a1 is not legal below
+    for i, name in enumerate(ranked):
+        probs[MOVE_SQUARES.index(SQUARES.index(name)) + 1] = 0.5 - 0.1 * i
+    probs[0] = 1.0  # padding is never a move
+    assert top_n_misses(probs, {"c4", "d3", "e6", "f5"}) == 1  # a1 takes the place of f5
+    assert top_n_misses(probs, {"c4", "d3"}) == 0
+    assert top_n_misses(probs, {"e6"}) == 1
+    assert top_n_misses(probs, set()) == 0
+
+
 def test_zoo_analyze_probe_and_intervene_store_their_results(capsys, quick, tmp_path):
     home, _ = quick
     probe = zoo_cli(capsys, home, "analyze", "probe", "othello-gpt", "--layer", "0", "--games", "40",
@@ -136,6 +148,7 @@ def test_zoo_analyze_probe_and_intervene_store_their_results(capsys, quick, tmp_
                     "--steps", "100", "--lr", "0.05", "--json")
     b = json.loads(batch.out)
     assert b["count"] == 5 and b["error"] >= 0 and b["baseline_error"] > 0
+    assert 0 <= b["top_n_error"] <= 60 and 0 <= b["top_n_baseline_error"] <= 60
     listed = zoo_cli(capsys, home, "analyses", "othello-gpt", "--json")
     assert [a["kind"] for a in json.loads(listed.out)][-3:] == ["probe", "intervene", "intervene"]
 
