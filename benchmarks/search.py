@@ -118,10 +118,12 @@ def percentile_ms(times: list[float], p: float) -> float:
     return round(float(np.percentile(times, p)) * 1000, 3)
 
 
-def build(n: int, rank: int, max_components: int, dim: int, work: Path) -> tuple[MomentIndex, dict[str, object]]:
+def build(
+    n: int, rank: int, max_components: int, dim: int, work: Path, seed: int = 0
+) -> tuple[MomentIndex, dict[str, object]]:
     directory = work / f"n{n}-k{max_components}"
     directory.mkdir()
-    starts, log_weights, means, factors, diags = synthetic_models(n, rank, max_components, directory, dim)
+    starts, log_weights, means, factors, diags = synthetic_models(n, rank, max_components, directory, dim, seed)
     started = time.perf_counter()
     index = write_index(directory / "index", "bench", "images", Fingerprint(n, n, n), np.arange(1, n + 1), starts,
                         log_weights, means, factors, diags, np.exp(log_weights) * SAMPLES)
@@ -165,8 +167,9 @@ def measure(index: MomentIndex, qs: np.ndarray, pool: int, exact: dict[str, list
 def run(n: int, args: argparse.Namespace, work: Path) -> list[dict[str, object]]:
     """Build every summary's index for n models, then measure them in turn for each candidate pool, so
     that both see the same machine load."""
-    built = [build(n, args.rank, 1 if s == "gaussian" else args.components, args.dim, work) for s in args.summaries]
-    qs = queries(args.queries, 0, args.dim)
+    built = [build(n, args.rank, 1 if s == "gaussian" else args.components, args.dim, work, args.seed)
+             for s in args.summaries]
+    qs = queries(args.queries, args.seed, args.dim)
     recall_queries = min(args.queries, 20 if n <= 100_000 else 10)
     exact = [{kind: exact_top(index, qs[:recall_queries], kind) for kind in ("text", "image")} for index, _ in built]
     results = []
@@ -196,6 +199,7 @@ def main() -> None:
     parser.add_argument("--components", type=int, default=8, help="most components of a mixture model")
     parser.add_argument("--summaries", nargs="+", choices=("gaussian", "mixture"), default=["gaussian", "mixture"])
     parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0, help="of the synthetic models and queries")
     parser.add_argument("--loop-queries", type=int, default=3, help="queries timed for the Python loop (0: skip)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()

@@ -44,14 +44,14 @@ from modelzoo.search.moments import (
     text_scores,
 )
 
-DEFAULT_CANDIDATES = 400
+DEFAULT_CANDIDATES = 1600
 """Components reranked exactly per query part (each candidate version with all of its components): a text
-score rewards variance too, so the pool is wide. benchmarks/search.py, 1 thread, mixtures of K up to 8:
-at 10^5 models (d 512, r 8) 200 gave a text recall@10 of 0.92, 400 gives 1.0 at 1.7x the single
-Gaussian's latency; at 10^6 (d 128, r 4, to fit the disk) 400 gives 0.83 and 1600 gives 0.985 at 2.1x.
-FAISS orders candidates by the mean variance tr(Sigma)/d, and the lower the rank the further q^T Sigma q
-strays from it, so a deeper rerank is needed there (more probed lists did not help: nprobe 96 gave 0.83
-too)."""
+score rewards variance too, so the pool is wide. FAISS orders candidates by the mean variance tr(Sigma)/d,
+and the lower the covariance's rank the further q^T Sigma q strays from it, so recall needs a deeper
+rerank as the index grows (more probed lists did not help: nprobe 96 gave what 24 gave). Chosen with
+benchmarks/search.py --seed 1 (1 thread, mixtures of K up to 8 against single Gaussians at the same pool):
+at 10^6 models (d 128, r 4, to fit the disk) text recall@10 was 0.83 at 400, 0.92 at 800 and 0.96 at
+1600, where mixtures took 11.7 ms against 9.4 (1.24x); at 10^5 (d 512, r 8) 1.0 at each, 1.24x at 1600."""
 MODALITIES = ("images", "texts")
 """As stored (the sample kind); users say `image` or `text`, and hits say so too."""
 MODALITY_NAMES = {"image": "images", "images": "images", "text": "texts", "texts": "texts"}
