@@ -40,7 +40,6 @@ from modelzoo.registry.settings import Settings
 from modelzoo.registry.store import Progress, Registry
 from modelzoo.search.embedders import DEFAULT_ENCODER, load_embedder
 from modelzoo.search.engine import (
-    DEFAULT_CANDIDATES,
     SearchFilter,
     SearchHit,
     SearchQuery,
@@ -252,7 +251,7 @@ class Zoo:
         family: str | None = None,
         tags: Mapping[str, str] | None = None,
         encoder: str | None = None,
-        candidates: int = DEFAULT_CANDIDATES,
+        candidates: int | None = None,
         device: str = "cpu",
         modality: str | None = None,
         summary: str = "mixture",

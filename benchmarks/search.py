@@ -37,7 +37,7 @@ import faiss
 import numpy as np
 import torch
 
-from modelzoo.search.engine import DEFAULT_CANDIDATES, QueryPart, rank_candidates
+from modelzoo.search.engine import QueryPart, default_pool, rank_candidates
 from modelzoo.search.index import Fingerprint, MomentIndex, write_index
 from modelzoo.search.moments import MixtureBatch, mixture_density_scores, mixture_text_scores
 
@@ -140,7 +140,9 @@ def build(
 
 
 def measure(index: MomentIndex, qs: np.ndarray, pool: int, exact: dict[str, list[np.ndarray]]) -> dict[str, object]:
-    """Latency of every query twice (cold, then warm), and recall@10 of the first len(exact[kind]) queries."""
+    """Latency of every query twice (cold, then warm), and recall@10 of the first len(exact[kind]) queries;
+    `pool` 0 is the index's default pool."""
+    pool = pool or default_pool(len(index.means))
     result: dict[str, object] = {"candidates": pool}
     for kind in ("text", "image"):
         cold: list[float] = []
@@ -194,8 +196,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000, 1_000_000])
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--dim", type=int, default=DIM)
-    parser.add_argument("--candidates", type=int, nargs="+", default=[DEFAULT_CANDIDATES],
-                        help="components reranked per query (versions are taken whole)")
+    parser.add_argument("--candidates", type=int, nargs="+", default=[0],
+                        help="components reranked per query (versions are taken whole); 0: each index's "
+                             "default pool (search.engine.default_pool)")
     parser.add_argument("--components", type=int, default=8, help="most components of a mixture model")
     parser.add_argument("--summaries", nargs="+", choices=("gaussian", "mixture"), default=["gaussian", "mixture"])
     parser.add_argument("--queries", type=int, default=100)

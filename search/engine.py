@@ -16,6 +16,7 @@ paper, the single Gaussian with the same mean and covariance (`summary="gaussian
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,14 +45,21 @@ from modelzoo.search.moments import (
     text_scores,
 )
 
-DEFAULT_CANDIDATES = 1600
-"""Components reranked exactly per query part (each candidate version with all of its components): a text
-score rewards variance too, so the pool is wide. FAISS orders candidates by the mean variance tr(Sigma)/d,
-and the lower the covariance's rank the further q^T Sigma q strays from it, so recall needs a deeper
-rerank as the index grows (more probed lists did not help: nprobe 96 gave what 24 gave). Chosen with
-benchmarks/search.py --seed 1 (1 thread, mixtures of K up to 8 against single Gaussians at the same pool):
-at 10^6 models (d 128, r 4, to fit the disk) text recall@10 was 0.83 at 400, 0.92 at 800 and 0.96 at
-1600, where mixtures took 11.7 ms against 9.4 (1.24x); at 10^5 (d 512, r 8) 1.0 at each, 1.24x at 1600."""
+MIN_CANDIDATES = 400
+CANDIDATES_PER_ROOT = 0.75
+
+
+def default_pool(components: int) -> int:
+    """Components reranked exactly per query part (each candidate version with all of its components) in an
+    index of `components`: CANDIDATES_PER_ROOT sqrt(components), at least MIN_CANDIDATES. A text score
+    rewards variance too, and FAISS orders candidates by the mean variance tr(Sigma)/d, so recall needs a
+    deeper rerank as the neighbourhood of a query grows crowded (more probed lists did not help: nprobe 96
+    gave what 24 gave). Chosen with benchmarks/search.py --seed 1 (1 thread, mixtures of K up to 8): text
+    recall@10 was 1.0 at 400 among 450,000 components (10^5 models, d 512, r 8) and at 4.5 million (10^6
+    models, d 128, r 4) 0.83 at 400, 0.92 at 800 and 0.96 at 1600, where 0.75 sqrt(N) gives 1591."""
+    return max(MIN_CANDIDATES, round(CANDIDATES_PER_ROOT * math.sqrt(components)))
+
+
 MODALITIES = ("images", "texts")
 """As stored (the sample kind); users say `image` or `text`, and hits say so too."""
 MODALITY_NAMES = {"image": "images", "images": "images", "text": "texts", "texts": "texts"}
@@ -307,11 +315,12 @@ def search(
     encoder: ClipEncoder | None = None,
     top_k: int = 10,
     filters: SearchFilter | None = None,
-    candidates: int = DEFAULT_CANDIDATES,
+    candidates: int | None = None,
     tau: float | None = None,
     summary: str = "mixture",
 ) -> list[SearchHit]:
-    """The `top_k` live versions best matching `query`, best first, among the versions of one modality."""
+    """The `top_k` live versions best matching `query`, best first, among the versions of one modality;
+    `candidates` components are reranked (default: `default_pool` of the index's size)."""
     if top_k < 1:
         raise BadInput(f"--top-k must be at least 1, got {top_k}")
     if summary not in SUMMARIES:
@@ -327,7 +336,7 @@ def search(
     allowed = None
     if filters.family or filters.tags:
         allowed = index.positions_of(_allowed_ids(registry, encoder_hash, filters))
-    pool = max(candidates, 4 * top_k)
+    pool = max(candidates if candidates is not None else default_pool(len(index.means)), 4 * top_k)
     scale = tau if tau is not None else (encoder.logit_scale if encoder is not None else 100.0)
     ranking = rank_candidates(index, parts, pool, scale, allowed, summary)
     return _hits(registry, ranking, top_k, modality)

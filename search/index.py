@@ -32,7 +32,10 @@ variance are missed); image and model queries search with [q, 0, 0], the inner p
 alone. WEIGHT_SCALE keeps the log weight (down to about -7) from outweighing the mean's coordinates when
 the inverted file clusters the vectors. An exact flat index up to `FLAT_LIMIT` components, an
 inverted-file index with 8-bit scalar quantisation above (sqrt(N) lists, trained on 64 points per list;
-the exact rerank corrects the quantisation), searched with `DEFAULT_NPROBE` lists.
+the exact rerank corrects the quantisation), searched with `DEFAULT_NPROBE` lists. The vectors are padded
+with zeros to a multiple of `SIMD_WIDTH` coordinates: FAISS decodes 8-bit codes with SIMD only for such
+widths, and d + 2 = 130 scanned 7 times slower than 144 (7.1 against 0.9 ms per query at 4.5 million
+components, one thread).
 """
 
 from __future__ import annotations
@@ -53,8 +56,9 @@ from modelzoo.search.moments import MixtureBatch, woodbury
 FLAT_LIMIT = 50_000
 DEFAULT_NPROBE = 24
 TRAIN_POINTS_PER_LIST = 64
-INDEX_FORMAT = 4
+INDEX_FORMAT = 5
 WEIGHT_SCALE = 0.01
+SIMD_WIDTH = 16
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,7 @@ class MomentIndex:
         return first + np.arange(int(counts.sum()))
 
     def candidates(self, vectors: np.ndarray, k: int, allowed: np.ndarray | None = None) -> np.ndarray:
-        """Sorted row positions of the versions to rerank for (d + 2) query `vectors` (`search_vector`),
+        """Sorted row positions of the versions to rerank for query `vectors` (`search_vector`),
         restricted to the positions in `allowed`: the owners of the `k` best components by inner product
         with each vector, taken best first until their components number k per vector. The budget is
         counted in components because reranking reads and scores every component of a version: counted in
@@ -162,11 +166,20 @@ def _write_npy(path: Path, array: np.ndarray) -> None:
         os.fsync(f.fileno())
 
 
+def faiss_width(dim: int) -> int:
+    """How many coordinates FAISS holds per component for d = `dim`: d + 2, padded to SIMD_WIDTH."""
+    return -(-(dim + 2) // SIMD_WIDTH) * SIMD_WIDTH
+
+
 def search_vector(query: np.ndarray, text_tau: float | None) -> np.ndarray:
     """What FAISS searches with for a (d,) query: [q, 1/(WEIGHT_SCALE tau), tau/2] for a text query, else
-    [q, 0, 0]."""
-    extra = [1 / (WEIGHT_SCALE * text_tau), text_tau / 2] if text_tau is not None else [0.0, 0.0]
-    return np.concatenate([np.asarray(query, dtype=np.float32), np.asarray(extra, dtype=np.float32)])
+    [q, 0, 0], then zeros up to `faiss_width`."""
+    q = np.asarray(query, dtype=np.float32)
+    vector = np.zeros(faiss_width(len(q)), np.float32)
+    vector[: len(q)] = q
+    if text_tau is not None:
+        vector[len(q) : len(q) + 2] = 1 / (WEIGHT_SCALE * text_tau), text_tau / 2
+    return vector
 
 
 def _write_factors(directory: Path, factors: np.ndarray, diags: np.ndarray) -> np.ndarray:
@@ -232,7 +245,7 @@ def write_index(
         means = np.ascontiguousarray(means, dtype=np.float32)
         traces = _write_factors(staging, factors, diags)
         d = means.shape[1]
-        vectors = np.empty((len(means), d + 2), np.float32)
+        vectors = np.zeros((len(means), faiss_width(d)), np.float32)
         vectors[:, :d] = means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
         vectors[:, d] = WEIGHT_SCALE * np.asarray(log_weights)
         vectors[:, d + 1] = traces / d
@@ -323,7 +336,7 @@ def _read_index(directory: Path, encoder_hash: str, modality: str) -> MomentInde
         and log_weights.shape == (N,) and len(factors) == N and factors.shape[1] == means.shape[1]
         and chols.shape == (N, factors.shape[2], factors.shape[2]) and logdets.shape == (N,)
         and samples.shape == (N,)
-        and index.ntotal == N and index.d == means.shape[1] + 2 and meta.get("count") == n and n > 0
+        and index.ntotal == N and index.d == faiss_width(means.shape[1]) and meta.get("count") == n and n > 0
         and starts[0] == 0 and starts[-1] == N
         and bool(np.all(np.diff(starts) > 0))
     )

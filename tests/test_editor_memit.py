@@ -481,8 +481,8 @@ def test_rests_over_the_prefix_cache_equal_the_whole_sequences(tmp_path, arch):
     (a subject at position 0 has no prefix at all; a shifted position or a visible pad would differ)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from modelzoo.editors.memit import _rewrite_sequences, _SplitBatch
     from modelzoo.editors.lm_requests import pad_batch
+    from modelzoo.editors.memit import _rewrite_sequences, _SplitBatch
 
     directory = _save_tiny_lm(tmp_path / arch, arch)
     model, tokenizer = AutoModelForCausalLM.from_pretrained(directory).eval(), AutoTokenizer.from_pretrained(directory)

@@ -293,11 +293,28 @@ def test_text_candidates_account_for_weight_and_variance_not_only_the_mean(tmp_p
     assert engine.rank_candidates(index, [engine.QueryPart("s", q, "sketch")], 1, tau).positions.tolist() == [1]
 
 
+def test_faiss_holds_vectors_padded_to_its_simd_width(tmp_path: Path) -> None:
+    """FAISS decodes 8-bit codes with SIMD only for widths that are a multiple of 8 or 16 (at d + 2 = 130 a
+    query scanned 7 times slower): the index and the query vectors are padded with zeros, which change no
+    inner product."""
+    from modelzoo.search.index import SIMD_WIDTH, Fingerprint, search_vector, write_index
+
+    d = 8
+    q = np.eye(d)[0]
+    assert search_vector(q, 4.0).tolist() == [*q, 25.0, 2.0, *[0.0] * (SIMD_WIDTH - d - 2)]
+    means = np.eye(d, dtype=np.float32)[:3]
+    index = write_index(tmp_path / "i", "h", "images", Fingerprint(3, 3, 6), np.arange(1, 4), np.arange(4),
+                        np.zeros(3), means, np.zeros((3, d, 0), np.float32), np.full((3, d), 1e-4, np.float32),
+                        np.full(3, 32.0))
+    assert index.faiss_index.d == SIMD_WIDTH
+    assert index.candidates(search_vector(q, None)[None], 1).tolist() == [0]
+
+
 def test_the_rerank_budget_counts_components_so_mixtures_rerank_no_more_than_single_gaussians(tmp_path: Path) -> None:
     """Six versions of 4 components: one near the query (version 5 nearest, then 0, 1, ... 4) and three far
     away. The 8 best components belong to all six versions; the budget of 8 components takes the nearest
     versions until their components number 8, and each query vector brings its own budget."""
-    from modelzoo.search.index import Fingerprint, write_index
+    from modelzoo.search.index import Fingerprint, search_vector, write_index
 
     d, versions, k = 16, 6, 4
     rng = np.random.default_rng(0)
@@ -310,8 +327,14 @@ def test_the_rerank_budget_counts_components_so_mixtures_rerank_no_more_than_sin
     index = write_index(tmp_path / "i", "h", "images", Fingerprint(versions, versions, 21), np.arange(1, versions + 1),
                         np.arange(0, n + 1, k), np.full(n, np.log(1 / k)), means, np.zeros((n, d, 0), np.float32),
                         np.full((n, d), 1e-4, np.float32), np.full(n, 32.0))
-    search = lambda *vectors: np.stack([np.concatenate([v, [0, 0]]) for v in vectors])  # noqa: E731
+    search = lambda *vectors: np.stack([search_vector(v, None) for v in vectors])  # noqa: E731
     assert index.candidates(search(q), 8).tolist() == [0, 5]
     assert index.candidates(search(q), 5).tolist() == [0, 5]  # the version that crosses the budget is kept
     assert index.candidates(search(q), 4).tolist() == [5]
     assert index.candidates(search(q, other), 4).tolist() == [4, 5]
+
+
+def test_the_default_pool_grows_with_the_square_root_of_the_index() -> None:
+    assert engine.default_pool(10_000) == engine.MIN_CANDIDATES
+    assert engine.default_pool(4_500_000) == round(engine.CANDIDATES_PER_ROOT * 2121.3)
+    assert engine.default_pool(4 * 4_500_000) == 2 * engine.default_pool(4_500_000)
