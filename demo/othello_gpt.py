@@ -106,32 +106,34 @@ def legal_tokens(games: Games) -> Tensor:
 def move_logits(model: GPT2LMHeadModel, tokens: Tensor) -> Tensor:
     """Next-move logits after every move (padding ruled out as a prediction)."""
     logits = model(input_ids=tokens, attention_mask=(tokens != 0).long()).logits
-    return logits.masked_fill(torch.arange(logits.shape[-1]) == 0, float("-inf"))
+    return logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) == 0, float("-inf"))
 
 
 @torch.no_grad()
 def legal_move_rate(model: GPT2LMHeadModel, games: Games, batch_size: int = 250) -> tuple[float, np.ndarray]:
     """(share of positions whose top-1 predicted move is legal, that share at each move number 1-59)."""
     hits, counts = np.zeros(MAX_MOVES), np.zeros(MAX_MOVES)
+    device = next(model.parameters()).device
     for start in range(0, len(games), batch_size):
         part = Games(*(getattr(games, f)[start:start + batch_size] for f in Games.__dataclass_fields__))
-        tokens, legal = game_tokens(part), legal_tokens(part)
+        tokens, legal = game_tokens(part).to(device), legal_tokens(part).to(device)
         top = move_logits(model, tokens).argmax(-1)
         live = legal.any(-1)  # positions where the game goes on
         hit = legal.gather(-1, top[..., None])[..., 0] & live
-        hits += hit.sum(0).numpy()
-        counts += live.sum(0).numpy()
+        hits += hit.sum(0).cpu().numpy()
+        counts += live.sum(0).cpu().numpy()
     per_move = np.divide(hits, counts, out=np.full(MAX_MOVES, np.nan), where=counts > 0)
     return float(hits.sum() / counts.sum()), per_move
 
 
 def train_othello_gpt(out_dir: Path, seed: int = 0, profile: str | OthelloProfile = "full",
-                      progress: Progress | None = None) -> dict[str, Any]:
+                      progress: Progress | None = None, device: str = "cpu") -> dict[str, Any]:
     """Train Othello-GPT, save model and tokenizer into `out_dir` (a transformers folder), return metrics:
     `legal_top1` on `eval_games` new games (the bar: 0.95 for the full profile), `legal_top1_worst_move`
     (the lowest rate at any one move number), `curve` ([games seen, rate on `curve_games` new games]),
     `games_seen`, `seconds` (training only), `loss` (mean of the last 20 steps), `loss_floor` (a perfect
-    model's), `parameters`, `profile`."""
+    model's), `parameters`, `profile`. `device` is where it trains: the demo trains on the CPU, experiments
+    with larger shapes (benchmarks/othello_scaling.py) on a GPU."""
     if isinstance(profile, str):
         if profile not in PROFILES:
             raise BadInput(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
@@ -141,7 +143,7 @@ def train_othello_gpt(out_dir: Path, seed: int = 0, profile: str | OthelloProfil
     checkpoints = {round(profile.steps * (i + 1) / profile.curve_points) for i in range(profile.curve_points)}
     with torch_threads(profile.threads):
         torch.manual_seed(seed)
-        model = build_model(profile).train()
+        model = build_model(profile).to(device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=profile.lr, betas=(0.9, 0.98), weight_decay=0.01)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, profile.warmup, profile.steps))
@@ -150,7 +152,7 @@ def train_othello_gpt(out_dir: Path, seed: int = 0, profile: str | OthelloProfil
         started = time.perf_counter()
         for step in range(1, profile.steps + 1):
             games = random_games(profile.batch_size, rng)
-            tokens, legal = game_tokens(games), legal_tokens(games)
+            tokens, legal = game_tokens(games).to(device), legal_tokens(games).to(device)
             live = legal.any(-1)
             target = legal.float() / legal.sum(-1, keepdim=True).clamp(min=1)
             logits = move_logits(model, tokens)
@@ -172,7 +174,7 @@ def train_othello_gpt(out_dir: Path, seed: int = 0, profile: str | OthelloProfil
         rate, per_move = legal_move_rate(model, eval_games)
     out = Path(out_dir)
     with without_progress_bars(transformers_logging):
-        model.save_pretrained(out)
+        model.cpu().save_pretrained(out)
         build_tokenizer().save_pretrained(out)
     return {
         "legal_top1": round(rate, 4), "legal_top1_worst_move": round(float(np.nanmin(per_move)), 4),
