@@ -66,6 +66,13 @@ models trained with seeds 3-5, squares and triangles, and checked in the tests o
 - The pull does not predict the colour across models either, so `until` is a stopping point to read, not
   a guarantee: red fell by 56% / 94% / 97% at pull 0.60 / 0.38 / 0.32 on model 4 and by 100% at 0.52 on
   model 5, but by 6% at 0.30 on model 0.
+- Drawing each x_t's noise level where the concept still pulls (four bands of DDIM stopping steps, each
+  drawn in proportion to its pull on held-out x_t, at least 0.1, re-measured every 25 steps) did not move
+  the edge either, and was not kept. At 3e-5 x 400 (red left; lowest other colour kept): 0% / 100% on
+  model 3, 19% / 100% on model 4, 0% / 100% on model 5, 88% / 100% on model 6 (the uniform draw: 0%, 6%,
+  0%, 81%). At 800 steps model 6 reached 31% / 100% but model 5 lost yellow (0% / 62%); its band pulls
+  were -0.13 / 0.23 / 0.46 / 0.33, noisiest first, model 6's 0.13 / 0.33 / 0.51 / 0.26. The steps a
+  model needs still differ by model; what would follow them is a stopping rule that reads the images.
 """
 
 from __future__ import annotations
