@@ -73,6 +73,16 @@ models trained with seeds 3-5, squares and triangles, and checked in the tests o
   0%, 81%). At 800 steps model 6 reached 31% / 100% but model 5 lost yellow (0% / 62%); its band pulls
   were -0.13 / 0.23 / 0.46 / 0.33, noisiest first, model 6's 0.13 / 0.33 / 0.51 / 0.26. The steps a
   model needs still differ by model; what would follow them is a stopping rule that reads the images.
+- The colours along one run (3e-5, uniform draw, 16 squares and triangles per colour every 100 steps):
+  model 5 lost red after 100 steps and yellow from 500 on (75%, then 62%); model 6 lost red slowly (81% at
+  400, 44% at 600, 31% from 700 to 900) and kept every other colour through 900. No fixed count of steps
+  serves both, so `read_until` reads the edit's own images: every 50 steps, 16 images of each erased text
+  (red in the four shape captions), stopping once the reader sees red in at most a tenth (values set
+  before measuring, not tuned; at most 1,200 steps). With the colour meter as reader it stopped model 3
+  after 100 steps (red left 0%, lowest other colour kept 100%), model 4 after 200 (16% / 100%), model 5
+  after 100 (0% / 100%), model 6 after 950 (25% / 100%). On the test models (seeds 0-2, 32 circles per
+  colour; tests/test_editor_esd.py) red fell by 91%, 100% and 91%, every other colour kept at 97% or more:
+  seeds 1 and 2 stopped after 150 steps, seed 0 ran to the cap of 1,200 (its last reading: 14%).
 """
 
 from __future__ import annotations
@@ -82,14 +92,16 @@ import itertools
 import math
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
-from typing import ClassVar, Literal
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
-from modelzoo.editors.base import EditProgress, EditResult, changed_tensors
+from modelzoo.editors.base import EditContext, EditProgress, EditResult, changed_tensors
 from modelzoo.editors.diffusion_text import CROSS_ATTENTION, UNET, TextSide, in_template, text_side
+from modelzoo.editors.readers import CLIP_READER, AttributeReader, registry_clip_reader
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.families.base import LoadedModel
 
@@ -138,6 +150,19 @@ class EsdRequest:
     longer pulls towards itself, -eta is ESD's optimum. None trains every iteration (the paper)."""
     check_every: int = 25
     """Iterations between two measurements of the pull (it is reported through progress too)."""
+    read_until: float | None = None
+    """Stop once at most this share of the images drawn for the erased concepts reads as one of them, the
+    images `read_images` per erased text (each concept in each template, the pipeline's own sampling
+    settings), read every `read_every` iterations by `read` choosing among the erased and the preserved
+    concepts. Unlike the pull it measures the result itself, and how many steps a model needs differs from
+    one model to the next. None trains every iteration."""
+    read_every: int = 100
+    read_images: int = 16
+    reader: str = CLIP_READER
+    """Which reader `read_until` reads with: "clip" (the registry's CLIP model, zero-shot over the concepts in
+    the templates), "clip:zoo:REF", or the name of one handed in as `read`."""
+    read: AttributeReader | None = field(default=None, compare=False, repr=False, metadata={"provenance": False})
+    """The reader itself, a handle rather than a setting; `Zoo.edit` loads it for the names above."""
     seed: int = 0
 
     def validate(self) -> EsdRequest:
@@ -166,8 +191,14 @@ def _resolve(r: EsdRequest) -> EsdRequest:
             raise BadInput(f"{what} must be a positive number, got {value}")
     if r.until is not None and not (math.isfinite(r.until) and r.until < 1):
         raise BadInput(f"until is the fraction of the concept's pull to stop at, below 1; got {r.until}")
+    if r.read_until is not None:
+        if not (math.isfinite(r.read_until) and 0 <= r.read_until < 1):
+            raise BadInput(f"read_until is the share of images still read as the concept to stop at, in [0, 1); "
+                           f"got {r.read_until}")
+        if not r.preserve:
+            raise BadInput("read_until needs concepts to preserve: the reader chooses among them and the erased ones")
     for what, count in (("iterations", r.iterations), ("ddim_steps", r.ddim_steps), ("batch_size", r.batch_size),
-                        ("check_every", r.check_every)):
+                        ("check_every", r.check_every), ("read_every", r.read_every), ("read_images", r.read_images)):
         if count < 1:
             raise BadInput(f"{what} must be at least 1, got {count}")
     if r.sampler not in ("edited", "frozen"):
@@ -177,8 +208,9 @@ def _resolve(r: EsdRequest) -> EsdRequest:
         raise BadInput(f"a template holds one '{{}}' where the concept goes, e.g. 'a {{}} circle'; got {bad or '()'}")
     if both := set(r.erase) & set(r.preserve):
         raise BadInput(f"a concept cannot be erased and preserved at once: {', '.join(sorted(both))}")
-    return EsdRequest(**{**asdict(r), "train_method": method, "erase": tuple(r.erase), "templates": tuple(r.templates),
-                         "preserve": tuple(r.preserve)})
+    settings = {k: v for k, v in asdict(r).items() if k != "read"}
+    return EsdRequest(**{**settings, "train_method": method, "erase": tuple(r.erase), "templates": tuple(r.templates),
+                         "preserve": tuple(r.preserve)}, read=r.read)
 
 
 class EsdEditor:
@@ -199,10 +231,21 @@ class EsdEditor:
                 side.token_ids(filled[-1], f"{what} in its template")
         return filled
 
+    def with_context(self, request: Any, context: EditContext) -> Any:
+        """Load the CLIP model a `read_until` request reads images with, unless a reader was handed in."""
+        if not isinstance(request, EsdRequest) or request.read_until is None or request.read is not None:
+            return request
+        r = _resolve(request)  # a bad request is refused before a model is loaded for it
+        name, read = registry_clip_reader(context.derived.registry, r.reader, r.templates)
+        return replace(r, reader=name, read=read)
+
     def edit(self, model: LoadedModel, request: EsdRequest, progress: EditProgress | None = None) -> EditResult:
         from diffusers import DDIMScheduler
 
         r = _resolve(request)
+        if r.read_until is not None and r.read is None:
+            raise BadInput(f"the reader {r.reader!r} is not loaded: edit through `Zoo.edit`, which loads the "
+                           "registry's CLIP model, or hand a reader in as `read`")
         side = text_side(model)
         erased, kept = (self._in_templates(side, r, concepts, what)
                         for concepts, what in ((r.erase, "concept to erase"), (r.preserve, "concept to keep")))
@@ -246,6 +289,7 @@ class EsdEditor:
         losses: list[float] = []
         keep_losses: list[float] = []
         pulls: list[float] = []
+        reads: list[tuple[int, float]] = []
         kept_draws = draws(keep_texts, r.iterations, r.seed + 1) if len(keep_texts) else itertools.repeat(None)
         for iteration, ((x, t, c), keep) in enumerate(zip(draws(erase_texts, r.iterations, r.seed), kept_draws,
                                                           strict=False)):
@@ -270,10 +314,18 @@ class EsdEditor:
             measured = (iteration + 1) % r.check_every == 0 or iteration + 1 == r.iterations
             if measured:
                 pulls.append(pull(unet))
+            read = r.read_until is not None and (iteration + 1) % r.read_every == 0
+            if read:
+                reads.append((iteration + 1, _read_share(model, r, erased)))
             if progress is not None:
-                progress(iteration + 1, r.iterations, {"loss": losses[-1], **({"pull": pulls[-1]} if measured else {})})
+                progress(iteration + 1, r.iterations, {"loss": losses[-1], **({"pull": pulls[-1]} if measured else {}),
+                                                       **({"read": reads[-1][1]} if read else {})})
             if measured and r.until is not None and pulls[-1] <= r.until:
                 break
+            if read and r.read_until is not None and reads[-1][1] <= r.read_until:
+                break
+        if not measured:  # stopped by a reading between two measurements of the pull
+            pulls.append(pull(unet))
         unet.requires_grad_(False)
         before = {f"{UNET}/{n}": t for n, t in frozen.state_dict().items() if n in params}
         changed = changed_tensors(model, list(before), before)
@@ -282,9 +334,21 @@ class EsdEditor:
             "iterations_run": len(losses), "final_pull": pulls[-1],
             "first_loss": losses[0], "final_loss": sum(tail) / len(tail), "trained_tensors": len(params),
             **({"final_preserve_loss": sum(keep_losses[-len(tail) :]) / len(tail)} if keep_losses else {}),
+            **({"reads": reads} if r.read_until is not None else {}),
             "changed_tensors": len(changed), "trained_parameters": sum(p.numel() for p in params.values()),
         }
-        return EditResult(changed=changed, params=asdict(r), metrics=metrics)
+        settings = {k: v for k, v in asdict(r).items() if k != "read"}
+        return EditResult(changed=changed, params=settings, metrics=metrics)
+
+
+def _read_share(model: LoadedModel, r: EsdRequest, erased: list[str]) -> float:
+    """The share of images drawn for the erased texts (the same noise at every reading) that `r.read` reads
+    as an erased concept rather than a preserved one."""
+    assert r.read is not None
+    images = model.pipeline(erased, num_images_per_prompt=r.read_images, output_type="np",
+                            generator=torch.Generator().manual_seed(r.seed + 3)).images
+    read = r.read((np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8), [*r.erase, *r.preserve])
+    return sum(concept in r.erase for concept in read) / len(read)
 
 
 class Pull:

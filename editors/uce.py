@@ -70,21 +70,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
 from modelzoo.editors.base import EditContext, EditProgress, EditResult, changed_tensors
 from modelzoo.editors.diffusion_text import UNET, TextSide, cross_attention_projections, in_template, text_side
+from modelzoo.editors.readers import CLIP_READER, AttributeReader, registry_clip_reader
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.factors import LowRank
-from modelzoo.registry.families.base import LoadedModel, get_family
-from modelzoo.registry.queries import ListFilter, list_models
-
-if TYPE_CHECKING:
-    from modelzoo.registry.families.clip import ClipEncoder
-    from modelzoo.registry.store import Registry
+from modelzoo.registry.families.base import LoadedModel
 
 Mode = Literal["erase", "debias", "moderate"]
 TokenChoice = Literal["last", "last_and_following"]
@@ -95,11 +91,6 @@ PRESERVE_MODES: tuple[str, ...] = ("penalty", "nullspace")
 PROJECTIONS: tuple[str, ...] = ("to_k", "to_v")
 EXPANSIONS: tuple[str, ...] = ("image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}")
 """The reference's `--expand_prompts` templates for objects, applied to a concept and its guide alike."""
-
-AttributeReader = Callable[[np.ndarray, Sequence[str]], list[str | None]]
-"""uint8 images (N, H, W, 3) and the attribute names -> the attribute read in each image (None: none)."""
-CLIP_READER = "clip"
-ZOO_CLIP_PREFIX = "clip:zoo:"
 
 
 @dataclass(frozen=True)
@@ -158,6 +149,10 @@ class UceRequest:
     sample_steps: int = 20
     guidance_scale: float = 7.5
     seed: int = 0
+
+    def all_templates(self) -> list[str]:
+        """The templates concepts are placed in: `templates`, then the expansions if asked for."""
+        return list(dict.fromkeys((*self.templates, *(EXPANSIONS if self.expand_prompts else ()))))
 
     def validate(self) -> UceRequest:
         return _resolve(self)
@@ -235,10 +230,8 @@ class UceEditor:
                 or request.read is not None):
             return request
         _resolve(request)  # a bad request is refused before a model is loaded for it
-        registry = context.derived.registry
-        ref = _clip_version(registry, request.reader)
-        encoder: ClipEncoder = get_family("clip").load(registry, ref).pipeline
-        return replace(request, reader=f"{ZOO_CLIP_PREFIX}{ref}", read=clip_reader(encoder, request))
+        name, read = registry_clip_reader(context.derived.registry, request.reader, request.all_templates())
+        return replace(request, reader=name, read=read)
 
     def edit(self, model: LoadedModel, request: UceRequest, progress: EditProgress | None = None) -> EditResult:
         side = text_side(model)
@@ -428,14 +421,10 @@ def _resolve(r: UceRequest) -> UceRequest:
     return UceRequest(**{**asdict(r), "targets": guides, "preserve": tuple(dict.fromkeys(preserve))})
 
 
-def _templates(r: UceRequest) -> list[str]:
-    return list(dict.fromkeys((*r.templates, *(EXPANSIONS if r.expand_prompts else ()))))
-
-
 def _plan(side: TextSide, request: UceRequest) -> _Plan:
     """Validate every concept and its templated texts against the tokenizer; encode all texts at once."""
     r = _resolve(request)
-    templates = _templates(r)
+    templates = r.all_templates()
     ids: dict[str, tuple[int, ...]] = {}
 
     def span(template: str, concept: str, what: str, allow_empty: bool = False, at_end: bool = False) -> Span:
@@ -474,39 +463,6 @@ def _plan(side: TextSide, request: UceRequest) -> _Plan:
     return _Plan(r, pairs, preserve, attributes, side.encode(texts), {t: i for i, t in enumerate(texts)}, kept)
 
 
-def clip_reader(encoder: ClipEncoder, request: UceRequest) -> AttributeReader:
-    """CLIP zero-shot classification (Radford et al., arXiv 2103.00020, sec. 3.1.4): each image reads as
-    the attribute whose prompts its features match best. An attribute's prompts are the attribute placed
-    in each of the request's templates, their normalised text features averaged (prompt ensembling)."""
-    templates = _templates(request)
-
-    def read(images: np.ndarray, attributes: Sequence[str]) -> list[str | None]:
-        T = np.stack([encoder.encode_texts([in_template(t, a) for t in templates]).mean(0) for a in attributes])
-        T /= np.linalg.norm(T, axis=1, keepdims=True)
-        scores = encoder.encode_images(images) @ T.T
-        return [attributes[i] for i in scores.argmax(1)]
-
-    return read
-
-
-def _clip_version(registry: Registry, reader: str) -> str:
-    """The CLIP version a reader name stands for: the registry's only `clip` model, or the one named."""
-    if reader.startswith(ZOO_CLIP_PREFIX):
-        info = registry.info(reader.removeprefix(ZOO_CLIP_PREFIX))
-        if info.family != "clip":
-            raise BadInput(f"the debias reader {info.ref} is a {info.family} model, not a clip model")
-        return info.ref
-    if reader != CLIP_READER:
-        raise BadInput(f"the debias reader {reader!r} is not one the registry holds: use 'clip' (its CLIP "
-                       "model) or 'clip:zoo:REF', or hand the reader in as `read`")
-    models = list_models(registry, ListFilter(family="clip"))
-    if not models:
-        raise BadInput("debiasing reads attributes with the registry's CLIP model and it has none: import one "
-                       "(a clip folder) or choose a reader (--reader clip:SPEC)")
-    if len(models) > 1:
-        raise BadInput(f"the registry has {len(models)} CLIP models ({', '.join(m.name for m in models)}): "
-                       "choose the debias reader with --reader clip:zoo:NAME")
-    return f"{models[0].name}@{models[0].latest}"
 
 
 def _observed(

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from modelzoo.cli.edit import edit_app
-from modelzoo.cli.edit._shared import render_child, request_from
+from modelzoo.cli.edit._shared import READER_HELP, render_child, request_from, with_reader
 from modelzoo.cli.options import Device, Dtype
 from modelzoo.cli.output import emit, step_progress
 
@@ -32,6 +32,12 @@ def esd(
     until: Annotated[float | None, typer.Option(
         help="Stop once the concept's pull on held-out x_t falls to this fraction of the original's.")] = None,
     check_every: Annotated[int | None, typer.Option(help="Iterations between measurements of the pull (25).")] = None,
+    read_until: Annotated[float | None, typer.Option(help=(
+        "Stop once at most this share of images drawn for the erased concepts reads as them (needs --preserve: "
+        "the reader chooses among erased and preserved)."))] = None,
+    read_every: Annotated[int | None, typer.Option(help="Iterations between two readings (100).")] = None,
+    read_images: Annotated[int | None, typer.Option(help="Images per erased text at each reading (16).")] = None,
+    reader: Annotated[str | None, typer.Option(help=f"Image reader for --read-until: {READER_HELP}")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the noise and the drawn steps.")] = None,
     request: Annotated[Path | None, typer.Option(help="JSON file with any EsdRequest fields.")] = None,
     name: Annotated[str | None, typer.Option(help="Register the child under this model name.")] = None,
@@ -47,8 +53,12 @@ def esd(
         "erase": erase, "templates": template, "preserve": preserve, "train_method": train_method,
         "iterations": iterations, "eta": eta, "lr": lr, "batch_size": batch_size, "ddim_steps": ddim_steps,
         "start_guidance": start_guidance, "sampler": sampler, "until": until,
-        "check_every": check_every, "seed": seed,
+        "check_every": check_every, "read_until": read_until, "read_every": read_every, "read_images": read_images,
+        "reader": reader, "seed": seed,
     }, "ESD request")
+    zoo = State.zoo()
+    if req.read_until is not None:
+        req = with_reader(req, zoo, req.templates)
     with step_progress(f"esd {ref}", quiet=as_json) as progress:
-        info = State.zoo().edit(ref, "esd", req, name=name, device=device, dtype=dtype, progress=progress)
+        info = zoo.edit(ref, "esd", req, name=name, device=device, dtype=dtype, progress=progress)
     emit(info, as_json, render_child)

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from modelzoo.cli.edit import edit_app
-from modelzoo.cli.edit._shared import render_child, request_from
+from modelzoo.cli.edit._shared import READER_HELP, render_child, request_from, with_reader
 from modelzoo.cli.options import Device, Dtype
 from modelzoo.cli.output import emit, step_progress
-
-if TYPE_CHECKING:
-    from modelzoo import Zoo
-    from modelzoo.editors.uce import UceRequest
 
 
 @edit_app.command("uce")
@@ -41,10 +36,7 @@ def uce(
     ))] = None,
     layer: Annotated[list[str] | None, typer.Option(help="Edit only UNet modules containing this.")] = None,
     expand_prompts: Annotated[bool | None, typer.Option(help="Add the reference's five object templates.")] = None,
-    reader: Annotated[str | None, typer.Option(help=(
-        "Debias attribute reader: clip (the registry's CLIP model, default) | clip:SPEC (an encoder as `zoo index "
-        "--encoder` takes: zoo:REF, open_clip:ARCH:TAG or a CLIP folder) | meter (the shapes world's meters)."
-    ))] = None,
+    reader: Annotated[str | None, typer.Option(help=f"Debias attribute reader: {READER_HELP}")] = None,
     max_iterations: Annotated[int | None, typer.Option(help="Debias iterations (30).")] = None,
     samples: Annotated[int | None, typer.Option(help="Debias images per prompt and iteration (10).")] = None,
     request: Annotated[Path | None, typer.Option(help="JSON file with any UceRequest fields.")] = None,
@@ -69,23 +61,8 @@ def uce(
     }, "UCE request")
     zoo = State.zoo()
     if req.mode == "debias":
-        req = _with_reader(req, zoo)
+        req = with_reader(req, zoo, req.all_templates())
     with step_progress(f"uce {ref}", quiet=as_json) as progress:
         info = zoo.edit(ref, "uce", req, name=name, device=device, dtype=dtype, progress=progress)
     emit(info, as_json, render_child)
 
-
-def _with_reader(req: UceRequest, zoo: Zoo) -> UceRequest:
-    """The request with the reader its name asks for loaded; "clip" and "clip:zoo:REF" the editor loads itself."""
-    from modelzoo.editors.uce import ZOO_CLIP_PREFIX, clip_reader
-
-    if req.reader == "meter":
-        from modelzoo.cli.demo import meter_reader
-
-        return replace(req, read=meter_reader)
-    if req.reader.startswith("clip:") and not req.reader.startswith(ZOO_CLIP_PREFIX):
-        from modelzoo.search.embedders import load_embedder
-
-        encoder = load_embedder(req.reader.removeprefix("clip:"), zoo.registry)
-        return replace(req, reader=f"clip:{encoder.id}", read=clip_reader(encoder, req))
-    return req

@@ -1,5 +1,5 @@
-"""UCE debias readers: by default CLIP zero-shot with the registry's own CLIP model; another CLIP or the
-shapes world's meters only when chosen."""
+"""The concept editors' image readers (UCE's debias, ESD's `read_until`): by default CLIP zero-shot with the
+registry's own CLIP model; another CLIP or the shapes world's meters only when chosen."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from tiny_models import tiny_sd_pipeline
 import modelzoo
 from modelzoo.demo.shapes import draw, sample_specs
 from modelzoo.demo.train_clip import TrainingProfile, train_clip
-from modelzoo.editors.uce import UceEditor, UceRequest, clip_reader
+from modelzoo.editors.esd import EsdRequest
+from modelzoo.editors.readers import clip_reader
+from modelzoo.editors.uce import UceEditor, UceRequest
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.families.clip import load_clip
 
@@ -37,9 +39,7 @@ def test_clip_reader_reads_the_colour_proportions_of_drawings(clip_dir: Path) ->
     """Three red drawings to one yellow, of every shape; each attribute's prompts span the shapes."""
     specs = sample_specs(40, seed=1, colours=("red", "red", "red", "yellow"))
     images = np.stack([draw(spec) for spec in specs])
-    request = UceRequest(mode="debias", debias=("a shape",), attributes=("red", "yellow"), templates=SHAPE_TEMPLATES)
-
-    read = clip_reader(load_clip(clip_dir), request)(images, ("red", "yellow"))
+    read = clip_reader(load_clip(clip_dir), SHAPE_TEMPLATES)(images, ("red", "yellow"))
 
     truth = [spec.colour for spec in specs]
     assert np.mean([a == b for a, b in zip(read, truth, strict=True)]) >= 0.9
@@ -58,6 +58,22 @@ def test_debias_reads_with_the_registrys_clip_model_by_default(zoo: modelzoo.Zoo
     assert child.params["reader"] == child.params["request"]["reader"] == f"clip:zoo:{clip.ref}"
     assert "read" not in child.params and "read" not in child.params["request"]
     assert child.metrics["read_share"] == [1.0]  # zero-shot over the attributes reads every image as one
+
+
+def test_esd_reads_with_the_registrys_clip_model_until_the_concept_is_gone(zoo: modelzoo.Zoo, sd_dir: Path,
+                                                                            clip_dir: Path) -> None:
+    sd = zoo.import_(sd_dir, "sd")
+    clip = zoo.import_(clip_dir, "shapes-clip")
+    request = EsdRequest(erase=("red",), preserve=("yellow",), templates=SHAPE_TEMPLATES[:1], iterations=4,
+                         ddim_steps=2, read_until=0.0, read_every=2, read_images=2)
+
+    child = zoo.edit(sd.ref, "esd", request)
+
+    assert child.params["reader"] == child.params["request"]["reader"] == f"clip:zoo:{clip.ref}"
+    assert "read" not in child.params and "read" not in child.params["request"]
+    reads = child.metrics["reads"]
+    assert [step for step, _ in reads] in ([2], [2, 4]) and child.metrics["iterations_run"] == reads[-1][0]
+    assert all(0 <= share <= 1 for _, share in reads) and (len(reads) == 2 or reads[0][1] == 0)
 
 
 def test_debias_without_a_reader_is_refused_by_the_editor() -> None:
