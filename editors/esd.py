@@ -98,13 +98,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
-import numpy as np
 import torch
 from torch import nn
 
 from modelzoo.editors.base import EditContext, EditProgress, EditResult, changed_tensors
 from modelzoo.editors.diffusion_text import CROSS_ATTENTION, UNET, TextSide, in_template, text_side
-from modelzoo.editors.readers import CLIP_READER, AttributeReader, registry_clip_reader
+from modelzoo.editors.readers import CLIP_READER, AttributeReader, read_drawn, registry_clip_reader
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.families.base import LoadedModel
 
@@ -211,9 +210,8 @@ def _resolve(r: EsdRequest) -> EsdRequest:
         raise BadInput(f"a template holds one '{{}}' where the concept goes, e.g. 'a {{}} circle'; got {bad or '()'}")
     if both := set(r.erase) & set(r.preserve):
         raise BadInput(f"a concept cannot be erased and preserved at once: {', '.join(sorted(both))}")
-    settings = {k: v for k, v in asdict(r).items() if k != "read"}
-    return EsdRequest(**{**settings, "train_method": method, "erase": tuple(r.erase), "templates": tuple(r.templates),
-                         "preserve": tuple(r.preserve)}, read=r.read)
+    return replace(r, train_method=method, erase=tuple(r.erase), templates=tuple(r.templates),
+                   preserve=tuple(r.preserve))
 
 
 class EsdEditor:
@@ -348,9 +346,7 @@ def _read_share(model: LoadedModel, r: EsdRequest, erased: list[str]) -> float:
     """The share of images drawn for the erased texts (the same noise at every reading) that `r.read` reads
     as an erased concept rather than a preserved one."""
     assert r.read is not None
-    images = model.pipeline(erased, num_images_per_prompt=r.read_images, output_type="np",
-                            generator=torch.Generator().manual_seed(r.seed + 3)).images
-    read = r.read((np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8), [*r.erase, *r.preserve])
+    read = read_drawn(model, erased, r.read_images, r.seed + 3, r.read, [*r.erase, *r.preserve])
     return sum(concept in r.erase for concept in read) / len(read)
 
 

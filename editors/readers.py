@@ -6,13 +6,14 @@ caller may hand in any other (the shapes world's meters, for the demo)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from modelzoo.editors.diffusion_text import in_template
 from modelzoo.registry.errors import BadInput
-from modelzoo.registry.families.base import get_family
+from modelzoo.registry.families.base import LoadedModel, get_family
 from modelzoo.registry.queries import ListFilter, list_models
 
 if TYPE_CHECKING:
@@ -40,6 +41,16 @@ def clip_reader(encoder: ClipEncoder, templates: Sequence[str]) -> AttributeRead
         return [attributes[i] for i in scores.argmax(1)]
 
     return read
+
+
+@torch.no_grad()
+def read_drawn(model: LoadedModel, prompts: str | Sequence[str], count: int, seed: int, reader: AttributeReader,
+               attributes: Sequence[str], **sampling: Any) -> list[str | None]:
+    """Draw `count` images of each prompt with the model's pipeline (noise from `seed`, the pipeline's own
+    settings unless `sampling` overrides them) and read each with `reader` among `attributes`."""
+    images = model.pipeline(prompts, num_images_per_prompt=count, generator=torch.Generator().manual_seed(seed),
+                            output_type="np", **sampling).images
+    return reader((np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8), attributes)
 
 
 def registry_clip_reader(registry: Registry, reader: str, templates: Sequence[str]) -> tuple[str, AttributeReader]:

@@ -77,7 +77,7 @@ import torch
 
 from modelzoo.editors.base import EditContext, EditProgress, EditResult, changed_tensors
 from modelzoo.editors.diffusion_text import UNET, TextSide, cross_attention_projections, in_template, text_side
-from modelzoo.editors.readers import CLIP_READER, AttributeReader, registry_clip_reader
+from modelzoo.editors.readers import CLIP_READER, AttributeReader, read_drawn, registry_clip_reader
 from modelzoo.registry.errors import BadInput
 from modelzoo.registry.factors import LowRank
 from modelzoo.registry.families.base import LoadedModel
@@ -463,8 +463,6 @@ def _plan(side: TextSide, request: UceRequest) -> _Plan:
     return _Plan(r, pairs, preserve, attributes, side.encode(texts), {t: i for i, t in enumerate(texts)}, kept)
 
 
-
-
 def _observed(
     model: LoadedModel, r: UceRequest, reader: AttributeReader
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -472,13 +470,8 @@ def _observed(
     of images read as any; the same seeds every call, so iterations compare like with like."""
     shares, read = [], []
     for p, prompt in enumerate(r.debias):
-        generator = torch.Generator().manual_seed(r.seed + 1000 * p)
-        with torch.no_grad():
-            images = model.pipeline(
-                prompt, num_images_per_prompt=r.samples_per_prompt, num_inference_steps=r.sample_steps,
-                guidance_scale=r.guidance_scale, generator=generator, output_type="np",
-            ).images
-        labels = reader((np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8), r.attributes)
+        labels = read_drawn(model, prompt, r.samples_per_prompt, r.seed + 1000 * p, reader, r.attributes,
+                            num_inference_steps=r.sample_steps, guidance_scale=r.guidance_scale)
         counts = np.array([sum(label == a for label in labels) for a in r.attributes], dtype=np.float64)
         # Shares among the images showing one of the attributes, so the gaps sum to 0 and the targets'
         # attribute mixture keeps its overall size.
